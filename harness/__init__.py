@@ -1,0 +1,3 @@
+"""harness: trusted transfer numbers for pretrained vision backbones."""
+
+__version__ = "0.1.0"

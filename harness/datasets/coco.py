@@ -1,0 +1,139 @@
+"""COCO `instances_*` and `person_keypoints_*` JSON: validated loading and a torch Dataset.
+
+Category ids stay COCO's own (non-contiguous) in files and predictions; training uses the
+contiguous labels 1..K of `CocoDetection.category_ids` (0 is background, as torchvision wants).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.datasets.images import read_image
+from harness.errors import HarnessError
+
+
+def read_json(path: str | Path, what: str = "JSON file"):
+    """Read a JSON file; a missing or malformed file is a one-line HarnessError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"{what} not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HarnessError(f"{path}: not valid JSON ({exc})") from None
+
+
+def validate_coco_gt(gt, source: str) -> dict:
+    """Check the structure a COCO evaluator relies on; returns `gt` unchanged."""
+    if not isinstance(gt, dict):
+        raise HarnessError(f"{source}: a COCO ground-truth file is a JSON object, got {type(gt).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt.get(key), list):
+            raise HarnessError(f"{source}: no '{key}' list: is this a COCO instances/person_keypoints file?")
+    image_ids = set()
+    for i, img in enumerate(gt["images"]):
+        if not isinstance(img, dict) or "id" not in img:
+            raise HarnessError(f"{source}: images[{i}] has no 'id'")
+        if img["id"] in image_ids:
+            raise HarnessError(f"{source}: images[{i}] repeats image id {img['id']!r}")
+        image_ids.add(img["id"])
+    category_ids = set()
+    for i, cat in enumerate(gt["categories"]):
+        if not isinstance(cat, dict) or "id" not in cat:
+            raise HarnessError(f"{source}: categories[{i}] has no 'id'")
+        category_ids.add(cat["id"])
+    for i, ann in enumerate(gt["annotations"]):
+        for key in ("image_id", "category_id", "bbox"):
+            if key not in ann:
+                raise HarnessError(f"{source}: annotations[{i}] has no '{key}'")
+        if ann["image_id"] not in image_ids:
+            raise HarnessError(f"{source}: annotations[{i}] names image_id {ann['image_id']!r}, not in 'images'")
+        if ann["category_id"] not in category_ids:
+            raise HarnessError(f"{source}: annotations[{i}] names category_id {ann['category_id']!r}, not in 'categories'")
+    return gt
+
+
+def load_coco_gt(path: str | Path) -> dict:
+    """Load and validate a COCO ground-truth JSON."""
+    return validate_coco_gt(read_json(path, "COCO ground-truth file"), str(path))
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images of a COCO split with box (and optionally keypoint) targets.
+
+    train=True drops crowd regions and degenerate boxes from targets and skips images left with
+    no usable object (as detectron2 and torchvision's references do); train=False keeps every
+    image of the split, so that evaluation scores all of them.
+    """
+
+    def __init__(self, ann_file: str | Path, image_dir: str | Path, keypoints: bool = False, train: bool = False):
+        self.ann_file = Path(ann_file)
+        self.image_dir = Path(image_dir)
+        if not self.image_dir.is_dir():
+            raise HarnessError(f"COCO image folder not found: {self.image_dir}")
+        self.gt = load_coco_gt(self.ann_file)
+        self.keypoints = keypoints
+        cats = sorted(self.gt["categories"], key=lambda c: c["id"])
+        if keypoints:
+            cats = [c for c in cats if c.get("keypoints")]
+            if not cats:
+                raise HarnessError(f"{self.ann_file}: no category has keypoints: is this a person_keypoints file?")
+        self.category_ids = [c["id"] for c in cats]
+        self.class_names = [c["name"] for c in cats]
+        self.keypoint_names = list(cats[0].get("keypoints", [])) if keypoints else []
+        self._label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        anns_by_image: dict = {img["id"]: [] for img in self.gt["images"]}
+        for ann in self.gt["annotations"]:
+            if ann["category_id"] in self._label_of:
+                anns_by_image[ann["image_id"]].append(ann)
+        images = sorted(self.gt["images"], key=lambda im: im["id"])
+        self.images = []
+        self._anns = []
+        for img in images:
+            anns = anns_by_image[img["id"]]
+            if train:
+                anns = [a for a in anns if self._usable(a)]
+                if not anns:
+                    continue
+            self.images.append(img)
+            self._anns.append(anns)
+
+    def _usable(self, ann: dict) -> bool:
+        w, h = ann["bbox"][2], ann["bbox"][3]
+        if ann.get("iscrowd", 0) or w <= 1 or h <= 1:
+            return False
+        return not self.keypoints or ann.get("num_keypoints", 0) > 0
+
+    @property
+    def image_ids(self) -> list:
+        return [img["id"] for img in self.images]
+
+    def category_id(self, label: int) -> int:
+        """COCO category id of a contiguous label (1..K)."""
+        return self.category_ids[label - 1]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        img = self.images[index]
+        image = read_image(self.image_dir / img["file_name"])
+        anns = self._anns[index]
+        boxes = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        target = {
+            "boxes": torch.from_numpy(boxes),
+            "labels": torch.tensor([self._label_of[a["category_id"]] for a in anns], dtype=torch.int64),
+            "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64),
+            "image_id": img["id"],
+        }
+        if self.keypoints:
+            k = len(self.keypoint_names)
+            kps = np.array([a.get("keypoints") or [0] * (3 * k) for a in anns], dtype=np.float32)
+            target["keypoints"] = torch.from_numpy(kps.reshape(-1, k, 3))
+        return image, target

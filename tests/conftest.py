@@ -1,0 +1,27 @@
+"""Shared fixtures: the real fixtures in ../shared/data/real and a synthetic data root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real() -> Path:
+    """../shared/data/real beside the checkout (a user's checkout has none: those tests skip)."""
+    if not REAL.is_dir():
+        pytest.skip(f"real fixtures not found at {REAL} (../shared is beside the project only in its own CI)")
+    return REAL
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A data root written by `harness data synth` (seed 0), shared by every test of the session."""
+    from harness.datasets.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(root, seed=0)
+    return root

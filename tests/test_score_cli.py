@@ -1,0 +1,83 @@
+"""`harness score` end to end: JSON and table output, one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True)
+
+
+GT = {"images": [{"id": 7, "width": 100, "height": 80, "file_name": "a.jpg"}, {"id": 9, "width": 100, "height": 80, "file_name": "b.jpg"}],
+      "annotations": [{"id": 1, "image_id": 7, "category_id": 18, "bbox": [10, 10, 40, 30], "area": 1200, "iscrowd": 0}],
+      "categories": [{"id": 18, "name": "dog"}]}
+
+
+@pytest.fixture
+def gt_file(tmp_path):
+    path = tmp_path / "instances_val2017.json"
+    path.write_text(json.dumps(GT))
+    return path
+
+
+def test_json_and_table_output(gt_file, tmp_path):
+    pred = tmp_path / "dets.json"
+    pred.write_text(json.dumps([{"image_id": 7, "category_id": 18, "bbox": [10, 10, 40, 30], "score": 0.9}]))
+    out = run("score", "--task", "coco", "--gt", gt_file, "--pred", pred, "--json")
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(out.stdout)
+    assert metrics["AP"] == pytest.approx(100.0) and metrics["APs"] is None
+    table = run("score", "--task", "coco", "--gt", gt_file, "--pred", pred)
+    assert "AP50" in table.stdout and "100.000" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[{\"image_id\": 7,", "not valid JSON"),
+        (json.dumps([{"image_id": 8, "category_id": 18, "bbox": [0, 0, 1, 1], "score": 1}]), "image_id 8, which is not in the ground truth"),
+        (json.dumps([{"image_id": 7, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]), "category_id 1, which is not in the ground truth"),
+        ("[{\"image_id\": 7, \"category_id\": 18, \"bbox\": [0, NaN, 1, 1], \"score\": 1}]", "NaN or infinite"),
+        (json.dumps([{"image_id": 7, "category_id": 18, "bbox": [0, 0, -1, 1], "score": 1}]), "negative-size bbox"),
+        (json.dumps({"annotations": []}), "expected a JSON list"),
+    ],
+)
+def test_bad_prediction_files(gt_file, tmp_path, content, message):
+    pred = tmp_path / "dets.json"
+    pred.write_text(content)
+    out = run("score", "--task", "coco", "--gt", gt_file, "--pred", pred, "--json")
+    assert out.returncode == 2
+    assert out.stdout == ""
+    line = out.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert message in line and str(pred) in line
+
+
+def test_missing_files_and_empty_predictions(gt_file, tmp_path):
+    out = run("score", "--task", "coco", "--gt", tmp_path / "nope.json", "--pred", tmp_path / "x.json")
+    assert out.returncode == 2 and "COCO ground-truth file not found" in out.stderr
+    out = run("score", "--task", "coco", "--gt", gt_file, "--pred", tmp_path / "x.json")
+    assert out.returncode == 2 and "prediction file not found" in out.stderr
+    (tmp_path / "empty.json").write_text("[]")
+    out = run("score", "--task", "coco", "--gt", gt_file, "--pred", tmp_path / "empty.json", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["AP"] == 0.0
+    assert "empty prediction list" in out.stderr
+    out = run("score", "--task", "voc", "--gt", tmp_path / "VOC2007", "--pred", tmp_path / "empty.json", "--split", "test")
+    assert out.returncode == 2 and "VOC folder not found" in out.stderr
+
+
+def test_voc_folder_with_a_missing_annotation(tmp_path):
+    voc = tmp_path / "VOCdevkit" / "VOC2007"
+    (voc / "ImageSets/Main").mkdir(parents=True)
+    (voc / "Annotations").mkdir()
+    (voc / "ImageSets/Main/test.txt").write_text("000001\n")
+    (tmp_path / "p.json").write_text("[]")
+    out = run("score", "--task", "voc", "--gt", voc, "--split", "test", "--pred", tmp_path / "p.json")
+    assert out.returncode == 2 and "VOC annotation not found" in out.stderr and "000001.xml" in out.stderr
+    out = run("score", "--task", "voc", "--gt", voc, "--split", "val", "--pred", tmp_path / "p.json")
+    assert out.returncode == 2 and "VOC split list not found" in out.stderr
