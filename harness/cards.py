@@ -1,0 +1,147 @@
+"""Task cards (`tasks/<task>.yaml`): validated with pydantic, hashed for provenance.
+
+A card fixes everything that makes two numbers comparable: dataset and splits, model and head,
+metric, protocols, and per-profile schedules. A result records the card's hash; the leaderboard
+compares only results made under the same card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from harness.errors import HarnessError
+
+PROFILES = ("full", "short", "smoke")
+PROTOCOLS = ("finetune", "frozen")
+
+
+def cards_dir() -> Path:
+    """`tasks/` of the checkout (editable installs), else the copy shipped inside the package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "tasks", here / "task_cards"):
+        if candidate.is_dir():
+            return candidate
+    raise HarnessError(f"no task cards found (looked in {here.parent / 'tasks'} and {here / 'task_cards'})")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Split(_Strict):
+    """One split: for COCO an annotation file + image folder under `coco/`; for VOC a list of (folder, split)."""
+
+    annotations: str | None = None
+    images: str | None = None
+    sets: list[tuple[str, str]] | None = None  # VOC: [("VOC2007", "trainval"), ("VOC2012", "trainval")]
+
+
+class DatasetSpec(_Strict):
+    name: str
+    layout: Literal["coco", "coco_keypoints", "voc_detection", "voc_segmentation"]
+    train: Split
+    test: Split
+    num_classes: int = Field(gt=0, description="object classes without background")
+
+
+class ModelSpec(_Strict):
+    kind: Literal["detection", "segmentation", "keypoints"]
+    head: Literal["fpn", "c4", "aspp"]
+
+
+class MetricSpec(_Strict):
+    primary: str
+    higher_is_better: bool = True
+    columns: list[str]
+
+
+class Profile(_Strict):
+    """A schedule. `lr` goes with `batch_size` (total over processes) and scales linearly with it."""
+
+    iterations: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    schedule: Literal["multistep", "poly"] = "multistep"
+    steps: list[int] = []
+    poly_power: float = 0.9
+    warmup_iters: int = Field(ge=0)
+    warmup_factor: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    clip_grad_norm: float | None = None
+    min_size: list[int] = Field(min_length=1, description="training short side (one chosen per image for multi-scale)")
+    max_size: int
+    test_min_size: int | None = Field(default=None, description="test short side; None: the image's own size (seg)")
+    crop_size: int | None = None  # segmentation: training crop (min_size[0] is the base short side)
+    scale_range: tuple[float, float] = (0.5, 2.0)  # segmentation: random rescale of the base size
+    flip: bool = True
+    neck_channels: int = Field(gt=0, description="FPN or ASPP channels")
+    train_images: int | None = Field(default=None, gt=0, description="use only the first N training images (smoke)")
+    checkpoint_period: int = Field(default=1000, gt=0)
+
+    @model_validator(mode="after")
+    def _steps_inside(self):
+        if any(s >= self.iterations for s in self.steps) or self.steps != sorted(self.steps):
+            raise ValueError(f"steps {self.steps} must increase and lie below iterations {self.iterations}")
+        return self
+
+
+class TaskCard(_Strict):
+    name: str
+    description: str
+    source: str
+    dataset: DatasetSpec
+    model: ModelSpec
+    metric: MetricSpec
+    protocols: list[Literal["finetune", "frozen"]]
+    profiles: dict[Literal["full", "short", "smoke"], Profile]
+
+    def profile(self, name: str) -> Profile:
+        if name not in self.profiles:
+            raise HarnessError(f"task {self.name} has no profile {name!r} (has: {', '.join(self.profiles)})")
+        return self.profiles[name]
+
+    @property
+    def card_hash(self) -> str:
+        """sha256 of the validated card's canonical JSON (comments and key order do not count)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_card(path: str | Path) -> TaskCard:
+    """Read and validate a card file; errors name the file and the field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise HarnessError(f"task card not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise HarnessError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    try:
+        return TaskCard.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise HarnessError(f"{path}: {where}: {first['msg']} ({exc.error_count()} problem(s))") from None
+
+
+def task_card(name: str) -> TaskCard:
+    """The card of a task by name (`coco`, `voc`, `seg`, `pose`, ...)."""
+    path = cards_dir() / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in cards_dir().glob("*.yaml"))
+        raise HarnessError(f"unknown task {name!r} (cards: {', '.join(known)})")
+    card = load_card(path)
+    if card.name != name:
+        raise HarnessError(f"{path}: card name {card.name!r} differs from its file name")
+    return card
+
+
+def all_cards() -> dict[str, TaskCard]:
+    return {p.stem: task_card(p.stem) for p in sorted(cards_dir().glob("*.yaml"))}

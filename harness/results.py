@@ -1,0 +1,129 @@
+"""The Result record: one JSON per (backbone, task, protocol, profile, seed), and seed aggregation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from harness import __version__
+from harness.errors import HarnessError
+
+SCHEMA_VERSION = 1
+
+
+class BackboneInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arch: str
+    sha256: str | None  # None for a random initialisation
+    layout: str
+    parameters: int
+
+
+class DatasetInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    train_split: str
+    test_split: str
+    images_trained: int
+    images_scored: int
+    synthetic: bool
+
+
+class TrainingInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    iterations: int
+    batch_size: int
+    lr: float
+    world_size: int
+    device: str
+    precision: str
+    wall_time_s: float
+
+
+class Result(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    harness_version: str = __version__
+    git_commit: str | None = None
+    backbone: BackboneInfo
+    task: str
+    card_hash: str
+    protocol: str
+    profile: str
+    seed: int
+    dataset: DatasetInfo
+    metrics: dict[str, Any]
+    training: TrainingInfo
+    protocol_info: dict[str, Any] = {}
+    created: str
+
+
+def git_commit() -> str | None:
+    """The commit of the harness checkout, when it runs from one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_result(path: Path, result: Result) -> None:
+    write_json_atomic(path, result.model_dump(mode="json"))
+
+
+def read_result(path: Path) -> Result:
+    try:
+        return Result.model_validate_json(Path(path).read_text())
+    except FileNotFoundError:
+        raise HarnessError(f"result not found: {path}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise HarnessError(f"{path}: not a harness result ({'.'.join(map(str, first['loc']))}: {first['msg']})") from None
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def aggregate(results: list[Result]) -> list[dict]:
+    """Group results by (task, protocol, profile) and give each scalar metric's mean, std and per-seed values."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.task, r.protocol, r.profile), []).append(r)
+    rows = []
+    for (task, protocol, profile), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r.seed)
+        if len({r.card_hash for r in rs}) > 1 or len({r.backbone.sha256 for r in rs}) > 1:
+            raise HarnessError(f"{task}/{protocol}/{profile}: seeds were run with different task cards or backbones")
+        metrics = {}
+        for key in rs[0].metrics:
+            values = [r.metrics.get(key) for r in rs]
+            if all(isinstance(v, (int, float)) for v in values):
+                mean, std = mean_std([float(v) for v in values])
+                metrics[key] = {"mean": mean, "std": std, "values": values}
+        rows.append({
+            "task": task, "protocol": protocol, "profile": profile, "card_hash": rs[0].card_hash,
+            "seeds": [r.seed for r in rs], "backbone": rs[0].backbone.model_dump(mode="json"),
+            "dataset": rs[0].dataset.model_dump(mode="json"), "metrics": metrics,
+        })
+    return rows

@@ -1,0 +1,49 @@
+"""Task cards validate, hash stably, and bad cards fail with the file and the field."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from harness.cards import all_cards, cards_dir, load_card
+from harness.errors import HarnessError
+from harness.results import mean_std
+
+
+def test_every_card_has_the_three_profiles_and_both_protocols():
+    cards = all_cards()
+    assert {"coco", "voc", "seg", "pose"} <= set(cards)
+    for card in cards.values():
+        assert set(card.profiles) == {"full", "short", "smoke"}
+        assert card.protocols == ["finetune", "frozen"]
+        assert card.metric.primary in card.metric.columns
+    assert cards["coco"].profile("full").iterations == 90000 and cards["voc"].profile("full").iterations == 24000
+    assert cards["voc"].model.head == "c4" and cards["voc_fpn"].model.head == "fpn"
+
+
+def test_hash_ignores_comments_and_order_but_not_content(tmp_path):
+    data = yaml.safe_load((cards_dir() / "coco.yaml").read_text())
+    reordered = dict(reversed(list(data.items())))
+    (tmp_path / "a.yaml").write_text("# a comment\n" + yaml.safe_dump(reordered))
+    assert load_card(tmp_path / "a.yaml").card_hash == load_card(cards_dir() / "coco.yaml").card_hash
+    data["profiles"]["full"]["lr"] = 0.03
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(data))
+    assert load_card(tmp_path / "b.yaml").card_hash != load_card(cards_dir() / "coco.yaml").card_hash
+
+
+def test_bad_card_names_file_and_field(tmp_path):
+    data = yaml.safe_load((cards_dir() / "voc.yaml").read_text())
+    data["profiles"]["smoke"]["steps"] = [500]
+    (tmp_path / "voc.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(HarnessError, match=r"voc.yaml: profiles.smoke: .*steps \[500\] must increase and lie below iterations 150"):
+        load_card(tmp_path / "voc.yaml")
+    data["model"]["head"] = "c5"
+    (tmp_path / "voc.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(HarnessError, match=r"voc.yaml: model.head"):
+        load_card(tmp_path / "voc.yaml")
+
+
+def test_mean_and_sample_std():
+    assert mean_std([1.0]) == (1.0, 0.0)
+    mean, std = mean_std([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and std == pytest.approx(1.2909944487358056)

@@ -1,0 +1,197 @@
+"""Readers of the real layouts, on the real fixtures and on `harness data synth` output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy.io import savemat
+
+from harness.datasets.coco import CocoDetection, load_coco_gt
+from harness.datasets.images import read_label_png
+from harness.datasets.roots import check_data_root, require
+from harness.datasets.voc import VOC_CLASSES, VOCDetection, VOCSegmentation, load_voc_detection, read_voc_xml
+from harness.errors import HarnessError
+
+
+def test_coco_keypoints_reader_on_real_mmpose_images(real):
+    base = real / "mmpose/tests/data/coco"
+    ds = CocoDetection(base / "test_coco.json", base, keypoints=True)
+    assert len(ds) == 4 and ds.category_ids == [1] and len(ds.keypoint_names) == 17
+    gt = load_coco_gt(base / "test_coco.json")
+    image, target = ds[ds.image_ids.index(785)]
+    info = next(i for i in gt["images"] if i["id"] == 785)
+    assert image.shape == (3, info["height"], info["width"]) and 0 <= image.min() and image.max() <= 1
+    ann = next(a for a in gt["annotations"] if a["image_id"] == 785)
+    x, y, w, h = ann["bbox"]
+    assert torch.allclose(target["boxes"][0], torch.tensor([x, y, x + w, y + h]))
+    assert target["keypoints"].shape == (1, 17, 3)
+    assert torch.equal(target["keypoints"][0].flatten(), torch.tensor(ann["keypoints"], dtype=torch.float32))
+    # Training drops persons without a labelled keypoint (two of the 14 have none).
+    train = CocoDetection(base / "test_coco.json", base, keypoints=True, train=True)
+    assert sum(len(train[i][1]["labels"]) for i in range(len(train))) == 12
+
+
+def real_devkit(real, tmp_path, year="VOC2007", split="test"):
+    base = real / "review_object_detection_metrics/data/database"
+    voc = tmp_path / "VOCdevkit" / year
+    (voc / "ImageSets/Main").mkdir(parents=True)
+    os.symlink(base / "gts/pascalvoc_format", voc / "Annotations")
+    os.symlink(base / "images", voc / "JPEGImages")
+    ids = sorted(p.stem for p in (base / "gts/pascalvoc_format").glob("*.xml"))
+    (voc / f"ImageSets/Main/{split}.txt").write_text("\n".join(ids) + "\n")
+    return voc, ids
+
+
+def test_voc_detection_reader_on_real_images(real, tmp_path):
+    voc, ids = real_devkit(real, tmp_path)
+    ann = read_voc_xml(voc / "Annotations" / "2007_000032.xml")
+    assert [o.name for o in ann.objects] == ["aeroplane", "aeroplane", "person", "person"]
+    ds = VOCDetection([(voc, "test")])
+    assert len(ds) == 100
+    image, target = ds[ds.image_ids.index("2007_000032")]
+    assert image.shape[1:] == (ann.height, ann.width)
+    first = ann.objects[0].box  # devkit 1-based inclusive -> 0-based continuous, as detectron2
+    assert target["boxes"][0].tolist() == [first[0] - 1, first[1] - 1, first[2], first[3]]
+    assert target["labels"].tolist() == [1, 1, 15, 15]
+    difficult = sum(int(ds[i][1]["difficult"].sum()) for i in range(len(ds)))
+    assert difficult == 38
+
+
+def test_voc_07_plus_12_union(real, tmp_path):
+    voc07, ids = real_devkit(real, tmp_path, "VOC2007", "trainval")
+    voc12, _ = real_devkit(real, tmp_path / "b", "VOC2012", "trainval")
+    both = VOCDetection([(voc07, "trainval"), (voc12, "trainval")])
+    assert len(both) == 2 * len(ids)  # the same ids in different years are different images
+    again = VOCDetection([(voc07, "trainval"), (voc07, "trainval")])
+    assert len(again) == len(ids)  # a folder listed twice is not double-counted
+
+
+def test_sbd_mat_masks_build_train_aug(tmp_path):
+    voc = tmp_path / "VOCdevkit/VOC2012"
+    (voc / "ImageSets/Segmentation").mkdir(parents=True)
+    (voc / "SegmentationClass").mkdir()
+    (voc / "JPEGImages").mkdir()
+    (voc / "ImageSets/Segmentation/train.txt").write_text("a\n")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("v\n")
+    sbd = tmp_path / "SBD/dataset"
+    (sbd / "cls").mkdir(parents=True)
+    (sbd / "train.txt").write_text("s\nv\n")
+    (sbd / "val.txt").write_text("t\n")
+    from PIL import Image
+    for name in ("a", "s", "t", "v"):
+        Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(voc / "JPEGImages" / f"{name}.jpg")
+    Image.fromarray(np.full((6, 8), 4, np.uint8), mode="L").save(voc / "SegmentationClass/a.png")
+    for name, value in (("s", 7), ("t", 9)):
+        cls = np.full((6, 8), value, np.uint8)
+        cls[0, 0] = 0
+        savemat(sbd / "cls" / f"{name}.mat", {"GTcls": {"Segmentation": cls, "Boundaries": [], "CategoriesPresent": [value]}})
+    ds = VOCSegmentation(voc, "train_aug", sbd_dir=tmp_path / "SBD")
+    assert ds.image_ids == ["a", "s", "t"]  # the VOC12 val image v is excluded
+    masks = {i: ds[k][1] for k, i in enumerate(ds.image_ids)}
+    assert masks["a"].unique().tolist() == [4] and masks["s"].unique().tolist() == [0, 7]
+    assert masks["t"].dtype == torch.int64 and masks["t"][0, 0] == 0
+
+
+def test_data_check_reports_missing_datasets(tmp_path):
+    rows = {r["name"]: r for r in check_data_root(tmp_path)}
+    assert not any(r["present"] for r in rows.values())
+    assert any("instances_train2017.json" in m for m in rows["COCO 2017"]["missing"])
+    with pytest.raises(HarnessError, match=f"VOC2007 not found under {tmp_path}: missing .*Annotations"):
+        require(tmp_path, "VOC2007")
+    out = subprocess.run([sys.executable, "-m", "harness", "data", "check", "--root", str(tmp_path / "none")], capture_output=True, text=True)
+    assert out.returncode == 2 and "data root not found" in out.stderr
+
+
+# ----------------------------------------------------------------------------- synthetic data root
+def test_synthetic_root_is_a_complete_data_root(synthetic_root):
+    rows = {r["name"]: r for r in check_data_root(synthetic_root)}
+    assert all(r["present"] for r in rows.values()), rows
+    assert rows["COCO 2017"]["images"]["train"] > 0 and rows["VOC2007"]["images"]["test"] > 0
+    out = subprocess.run([sys.executable, "-m", "harness", "data", "check", "--root", str(synthetic_root), "--json"],
+                         capture_output=True, text=True, check=True)
+    assert all(r["present"] for r in json.loads(out.stdout))
+
+
+def test_coco_reader_on_synthetic(synthetic_root):
+    coco = synthetic_root / "coco"
+    gt = load_coco_gt(coco / "annotations/instances_val2017.json")
+    ids = sorted(c["id"] for c in gt["categories"])
+    assert ids != list(range(1, len(ids) + 1))  # COCO's ids are not contiguous
+    val = CocoDetection(coco / "annotations/instances_val2017.json", coco / "val2017")
+    assert len(val) == len(gt["images"])  # evaluation keeps images without objects
+    train = CocoDetection(coco / "annotations/instances_train2017.json", coco / "train2017", train=True)
+    for i in range(min(len(train), 20)):
+        image, target = train[i]
+        labels = target["labels"]
+        assert labels.min() >= 1 and labels.max() <= len(ids) and not target["iscrowd"].any()
+        b = target["boxes"]
+        assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+        assert (b[:, 2] <= image.shape[2] + 1e-3).all() and (b[:, 3] <= image.shape[1] + 1e-3).all()
+    assert train.category_id(1) == ids[0] and train.category_id(len(ids)) == ids[-1]
+    pose = CocoDetection(coco / "annotations/person_keypoints_train2017.json", coco / "train2017", keypoints=True, train=True)
+    _, target = pose[0]
+    assert target["keypoints"].shape[1:] == (17, 3) and (target["labels"] == 1).all()
+
+
+def test_voc_readers_on_synthetic(synthetic_root):
+    voc07 = synthetic_root / "VOCdevkit/VOC2007"
+    anns = load_voc_detection(voc07, "test")
+    assert any(o.difficult for a in anns for o in a.objects)
+    assert {o.name for a in anns for o in a.objects} <= set(VOC_CLASSES)
+    voc12 = synthetic_root / "VOCdevkit/VOC2012"
+    val = VOCSegmentation(voc12, "val")
+    aug = VOCSegmentation(voc12, "train_aug")
+    assert not set(val.image_ids) & set(aug.image_ids)
+    image, mask = val[0]
+    assert mask.shape == image.shape[1:] and set(mask.unique().tolist()) <= set(range(21)) | {255}
+    _, aug_mask = aug[0]
+    assert aug_mask.max() <= 20
+
+
+def coco_gt_as_predictions(gt: dict, keypoints: bool) -> list[dict]:
+    field = "keypoints" if keypoints else "bbox"
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], field: a[field], "score": 1.0}
+            for a in gt["annotations"] if not a.get("iscrowd") and (not keypoints or a.get("num_keypoints", 0) > 0)]
+
+
+@pytest.mark.parametrize("task", ["coco", "pose", "voc", "seg"])
+def test_scoring_ground_truth_as_predictions_on_synthetic_gives_100(synthetic_root, tmp_path, task):
+    if task in ("coco", "pose"):
+        name = "instances_val2017.json" if task == "coco" else "person_keypoints_val2017.json"
+        gt_path = synthetic_root / "coco/annotations" / name
+        preds = coco_gt_as_predictions(json.loads(gt_path.read_text()), task == "pose")
+        args = ["--gt", gt_path]
+    elif task == "voc":
+        voc = synthetic_root / "VOCdevkit/VOC2007"
+        preds = [{"image_id": a.image_id, "category_id": VOC_CLASSES.index(o.name) + 1, "score": 1.0,
+                  "bbox": [o.box[0] - 1, o.box[1] - 1, o.box[2] - o.box[0] + 1, o.box[3] - o.box[1] + 1]}
+                 for a in load_voc_detection(voc, "test") for o in a.objects]
+        args = ["--gt", voc, "--split", "test"]
+    else:
+        voc = synthetic_root / "VOCdevkit/VOC2012"
+        pred_dir = tmp_path / "pngs"
+        pred_dir.mkdir()
+        for image_id in VOCSegmentation(voc, "val").image_ids:
+            mask = read_label_png(voc / "SegmentationClass" / f"{image_id}.png").copy()
+            mask[mask == 255] = 0
+            from PIL import Image
+            Image.fromarray(mask, mode="L").save(pred_dir / f"{image_id}.png")
+        args = ["--gt", voc, "--split", "val"]
+    if task != "seg":
+        pred_path = tmp_path / "pred.json"
+        pred_path.write_text(json.dumps(preds))
+        args += ["--pred", pred_path]
+    else:
+        args += ["--pred", pred_dir]
+    out = subprocess.run([sys.executable, "-m", "harness", "score", "--task", task, *map(str, args), "--json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(out.stdout)
+    primary = {"coco": "AP", "pose": "AP", "voc": "AP50", "seg": "mIoU"}[task]
+    assert metrics[primary] == pytest.approx(100.0)
