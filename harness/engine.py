@@ -1,0 +1,521 @@
+"""Training and prediction loops shared by every task.
+
+``train``: SGD with momentum, linear warmup + multi-step decay per iteration (detectron2's
+WarmupMultiStepLR), AMP on CUDA (bf16 where supported, else fp16 with a GradScaler; fp32 on the
+CPU), optional gradient clipping, a stop with ``HarnessError`` on a non-finite loss, periodic
+atomic checkpoints that a rerun resumes from (bit-identical to an uninterrupted run on the CPU),
+``metrics.jsonl`` and a tqdm bar on rank 0. DDP when the world size is above 1.
+
+Reproducibility: the data order of epoch ``e`` is a DistributedSampler permutation seeded by
+``(seed, e)``; each sample's augmentation draws from a generator seeded by ``(seed, e, index)``;
+everything else random (RPN/RoI sampling, multi-scale choice) uses the global RNGs, whose states
+(python, numpy, torch, CUDA; per rank) are saved in every checkpoint.
+
+``predict``: this rank's shard ``range(rank, N, world_size)`` (no padding, no duplicate), gathered
+on rank 0 in dataset order (``harness.distributed.gather_predictions``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from harness.distributed import DistEnv, all_gather_object, all_reduce_mean, current_env, gather_predictions, shard_indices
+from harness.errors import HarnessError
+from harness.protocols import is_norm
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+# settings that do not change the trained weights; a resume may differ in them
+_NOT_FINGERPRINTED = ("checkpoint_period", "log_period", "num_workers")
+
+
+@dataclass
+class TrainConfig:
+    """One training schedule. ``batch_size`` is the total over all processes; ``lr`` is used as
+    given (scale it with the batch before, and record it). Iterations count optimizer steps."""
+
+    iterations: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0  # detectron2's WEIGHT_DECAY_NORM
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    schedule: str = "multistep"  # or "poly" (segmentation: mmseg's PolyLR)
+    steps: Sequence[int] = ()  # multistep: multiply by gamma at each
+    gamma: float = 0.1
+    poly_power: float = 0.9  # poly: (1 - it / iterations) ** poly_power, floored at min_lr
+    min_lr: float = 0.0
+    clip_grad_norm: float | None = None
+    amp: bool = True  # CUDA only; bf16 when supported, else fp16 + GradScaler
+    seed: int = 0
+    checkpoint_period: int = 1000
+    log_period: int = 20
+    num_workers: int = 0
+    channels_last: bool = False
+    find_unused_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        self.steps = tuple(int(s) for s in self.steps)
+        problems = []
+        if self.iterations < 1:
+            problems.append(f"iterations={self.iterations} (must be >= 1)")
+        if self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size} (must be >= 1)")
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr} (must be > 0)")
+        if self.schedule not in ("multistep", "poly"):
+            problems.append(f"schedule={self.schedule!r} (multistep or poly)")
+        if list(self.steps) != sorted(self.steps):
+            problems.append(f"steps={list(self.steps)} (must be increasing)")
+        if self.warmup_iters < 0 or self.checkpoint_period < 1 or self.log_period < 1:
+            problems.append("warmup_iters >= 0, checkpoint_period >= 1 and log_period >= 1 are required")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            problems.append(f"clip_grad_norm={self.clip_grad_norm} (must be > 0 or None)")
+        if problems:
+            raise HarnessError("bad training schedule: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """From a card's schedule section; unknown or missing keys are a user error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise HarnessError(f"unknown training setting(s): {', '.join(unknown)}")
+        missing = sorted(n for n in ("iterations", "batch_size", "lr") if n not in values)
+        if missing:
+            raise HarnessError(f"training schedule lacks {', '.join(missing)}")
+        return cls(**values)
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["steps"] = list(self.steps)
+        return out
+
+
+@dataclass
+class TrainResult:
+    """What a ``train`` call did (for the result record)."""
+
+    iterations: int
+    start_iteration: int
+    batch_size: int
+    per_process_batch: int
+    world_size: int
+    device: str
+    precision: str
+    wall_time: float  # seconds spent training in this call
+    final_losses: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- small pieces
+def lr_factor(cfg: TrainConfig, iteration: int) -> float:
+    """Multiplier of ``cfg.lr`` at 0-based ``iteration``: linear warmup from ``warmup_factor`` times
+    either ``gamma`` per passed step (detectron2's WarmupMultiStepLR) or the poly decay
+    ``(1 - it/iterations)**poly_power`` from ``lr`` to ``min_lr`` (mmsegmentation's PolyLR)."""
+    if cfg.schedule == "poly":
+        decay = (1 - min(iteration, cfg.iterations) / cfg.iterations) ** cfg.poly_power
+        factor = ((cfg.lr - cfg.min_lr) * decay + cfg.min_lr) / cfg.lr
+    else:
+        factor = cfg.gamma ** bisect.bisect_right(cfg.steps, iteration)
+    if iteration < cfg.warmup_iters:
+        alpha = iteration / cfg.warmup_iters
+        factor *= cfg.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of one sample's augmentation: a function of (seed, epoch, dataset index) only."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Trainable parameters (each once): norm-layer parameters get ``weight_decay_norm``."""
+    norm_ids = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if id(p) in norm_ids else decay).append(p)
+    if not decay and not no_decay:
+        raise HarnessError("nothing to train: every parameter of the model is frozen")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": cfg.weight_decay_norm})
+    return [g for g in groups if g["params"]]
+
+
+def collate_pairs(batch):
+    """``[(image, target), ...]`` → ``(images, targets)`` lists (images may differ in size)."""
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def _collate_indexed(batch):
+    return [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def to_cpu(obj: Any) -> Any:
+    return to_device(obj, torch.device("cpu"))
+
+
+class _TrainView(Dataset):
+    """The training set as seen in one epoch: items augmented with a per-(seed, epoch, index) RNG."""
+
+    def __init__(self, dataset: Dataset, augment: Callable | None, seed: int, epoch: int):
+        self.dataset, self.augment, self.seed, self.epoch = dataset, augment, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, target = self.dataset[index]
+        if self.augment is not None:
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+            image, target = self.augment(image, target, generator)
+        return image, target
+
+
+class _Indexed(Dataset):
+    def __init__(self, dataset: Dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, target = self.dataset[self.indices[i]]
+        return self.indices[i], image, target
+
+
+def _rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": np_state[1].tolist(), "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if not cfg.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _fingerprint(cfg: TrainConfig, world_size: int, num_images: int) -> dict:
+    fp = {k: v for k, v in cfg.as_dict().items() if k not in _NOT_FINGERPRINTED}
+    fp.update(world_size=world_size, dataset_size=num_images)
+    return fp
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise HarnessError(f"cannot read the training checkpoint {path} ({type(err).__name__}); delete it to start over") from None
+
+
+def _rewrite_metrics(path: Path, upto: int) -> None:
+    """Keep only the lines of iterations <= ``upto`` (a killed run may have logged past its checkpoint)."""
+    keep = []
+    if upto > 0 and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["iter"] <= upto:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ----------------------------------------------------------------------------- train
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    augment: Callable | None = None,
+    env: DistEnv | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` (in place; call ``apply_protocol`` first) on ``dataset`` for ``cfg.iterations``.
+
+    ``dataset[i]`` is ``(image, target)``; ``augment(image, target, generator)`` runs per sample.
+    ``out_dir/checkpoint.pt`` is written every ``checkpoint_period`` iterations and at the end; if it
+    exists when ``train`` starts, training resumes from it (or returns at once when it is complete).
+    A checkpoint made under other settings (schedule, seed, world size, dataset size) is refused.
+    """
+    env = env or current_env()
+    device = env.device
+    out = Path(out_dir)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
+
+    world = env.world_size
+    if cfg.batch_size % world:
+        raise HarnessError(f"batch size {cfg.batch_size} is not divisible by the world size {world}")
+    per_rank = cfg.batch_size // world
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=env.rank, shuffle=True, seed=cfg.seed)
+    batches_per_epoch = len(sampler) // per_rank
+    if batches_per_epoch == 0:
+        raise HarnessError(f"the training set has {len(dataset)} images, fewer than one batch per process ({per_rank})")
+
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+    amp_dtype = _amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    fingerprint = _fingerprint(cfg, world, len(dataset))
+
+    start, window = 0, {"sums": {}, "count": 0, "time": 0.0}
+    seen = all_gather_object(ckpt_path.exists())
+    if len(set(seen)) > 1:
+        raise HarnessError(f"{ckpt_path} is visible on ranks {[r for r, s in enumerate(seen) if s]} only: "
+                           "the output directory must be on a filesystem shared by every node")
+    if seen[0]:
+        state = _load_checkpoint(ckpt_path)
+        diff = sorted(k for k in set(fingerprint) | set(state["config"]) if fingerprint.get(k) != state["config"].get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {state['config'].get(k)} -> {fingerprint.get(k)}" for k in diff)
+            raise HarnessError(f"{ckpt_path} comes from a run with other settings ({shown}); use another output directory or delete it")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"][env.rank], device)
+        start, window = state["iteration"], state["window"]
+    else:
+        seed_everything(cfg.seed + env.rank)
+    if env.is_main:
+        _rewrite_metrics(metrics_path, start)
+
+    result = TrainResult(
+        iterations=cfg.iterations, start_iteration=start, batch_size=cfg.batch_size, per_process_batch=per_rank,
+        world_size=world, device=str(device), precision=_precision_name(amp_dtype), wall_time=0.0,
+    )
+    if start >= cfg.iterations:
+        return result
+
+    net: nn.Module = model
+    if world > 1:
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.find_unused_parameters,
+        )
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    model.train()
+    it = start
+    epoch, offset = divmod(start, batches_per_epoch)
+    began = tick = time.perf_counter()
+    bar = tqdm(total=cfg.iterations, initial=start, desc=desc, disable=not (progress and env.is_main),
+               dynamic_ncols=True, smoothing=0.05)
+    log = open(metrics_path, "a", buffering=1) if env.is_main else None
+    try:
+        while it < cfg.iterations:
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            batches = [order[i * per_rank : (i + 1) * per_rank] for i in range(offset, batches_per_epoch)]
+            loader = DataLoader(
+                _TrainView(dataset, augment, cfg.seed, epoch),
+                batch_sampler=batches[: cfg.iterations - it],
+                collate_fn=collate_pairs,
+                num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda",
+                generator=torch.Generator(),  # keeps the DataLoader off the global RNG
+            )
+            for images, targets in loader:
+                images = [im.to(device, non_blocking=True) for im in images]
+                targets = [to_device(t, device) for t in targets]
+                lr = optimizer.param_groups[0]["lr"]
+                with _autocast(device, amp_dtype):
+                    losses = net(images, targets)
+                loss = sum(losses.values())
+                stats = torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()])
+                values = all_reduce_mean(stats).tolist()  # every rank sees the same values: stop together
+                named = dict(zip(["loss", *losses.keys()], values))
+                bad = {k: v for k, v in named.items() if not math.isfinite(v)}
+                if bad:
+                    terms = ", ".join(f"{k}={v}" for k, v in bad.items())
+                    raise HarnessError(
+                        f"training diverged at iteration {it + 1}: non-finite loss ({terms}); no result written "
+                        "(lower the learning rate, set clip_grad_norm, or check the backbone checkpoint)"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.clip_grad_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                it += 1
+
+                now = time.perf_counter()
+                for k, v in named.items():
+                    window["sums"][k] = window["sums"].get(k, 0.0) + v
+                window["count"] += 1
+                window["time"] += now - tick
+                tick = now
+                result.final_losses = named
+                if it % cfg.log_period == 0 or it == cfg.iterations:
+                    n = window["count"]
+                    line = {"iter": it, **{k: s / n for k, s in window["sums"].items()}, "lr": lr,
+                            "time": window["time"] / n}
+                    if log is not None:
+                        log.write(json.dumps(line) + "\n")
+                    window = {"sums": {}, "count": 0, "time": 0.0}
+                bar.set_postfix(loss=f"{named['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+                if it % cfg.checkpoint_period == 0 or it == cfg.iterations:
+                    rng = all_gather_object(_rng_state(device))
+                    if env.is_main:
+                        _atomic_save(
+                            {
+                                "model": model.state_dict(),
+                                "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(),
+                                "scaler": scaler.state_dict(),
+                                "iteration": it,
+                                "epoch": it // batches_per_epoch,
+                                "batch_in_epoch": it % batches_per_epoch,
+                                "rng": rng,
+                                "window": window,
+                                "config": fingerprint,
+                            },
+                            ckpt_path,
+                        )
+            epoch, offset = epoch + 1, 0
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    result.wall_time = time.perf_counter() - began
+    return result
+
+
+# ----------------------------------------------------------------------------- predict
+def default_postprocess(output: Any, target: Any) -> Any:
+    """Detection/pose dicts → CPU tensors; a segmentation logit map [C,H,W] → class-index mask."""
+    if torch.is_tensor(output) and output.dim() == 3:
+        from harness.models.segmentation import segmentation_postprocess
+
+        return segmentation_postprocess(output)
+    return to_cpu(output)
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    env: DistEnv | None = None,
+    batch_size: int = 1,
+    postprocess: Callable[[Any, Any], Any] | None = None,
+    num_workers: int = 0,
+    amp: bool = False,
+    progress: bool = True,
+    desc: str = "predict",
+) -> list | None:
+    """Predictions for every image of ``dataset``, in dataset order, on rank 0 (``None`` elsewhere).
+
+    Each rank runs its shard ``range(rank, N, world_size)``; ``postprocess(output, target)`` turns one
+    image's output into a picklable record (default: ``default_postprocess``). ``batch_size`` 1 (the
+    default, detectron2's) makes every prediction independent of the world size: batching pads images
+    to a common size, which changes the features near the border.
+    """
+    env = env or current_env()
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    postprocess = postprocess or default_postprocess
+    was_training = model.training
+    model.to(env.device).eval()
+    indices = shard_indices(len(dataset), env.rank, env.world_size)
+    loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=_collate_indexed)
+    records = []
+    amp_dtype = torch.bfloat16 if amp and env.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    try:
+        with tqdm(total=len(indices), desc=desc, disable=not (progress and env.is_main), dynamic_ncols=True) as bar:
+            for idxs, images, targets in loader:
+                with _autocast(env.device, amp_dtype):
+                    outputs = model([im.to(env.device, non_blocking=True) for im in images])
+                for index, output, target in zip(idxs, outputs, targets):
+                    records.append((index, postprocess(output, target)))
+                bar.update(len(idxs))
+    finally:
+        model.train(was_training)
+    return gather_predictions(records, num_items=len(dataset))

@@ -1,0 +1,100 @@
+"""Keypoint R-CNN + FPN (torchvision's) on a harness backbone: person boxes and 17 COCO keypoints.
+
+Same interface as the detectors (``harness.models.detection``); training targets also carry
+``keypoints`` float [N, K, 3] (x, y, visibility); eval predictions add ``keypoints`` [N, K, 3] and
+``keypoints_scores``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import KeypointRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+
+from harness.errors import HarnessError
+from harness.models.detection import (
+    DEFAULT_ANCHOR_SIZES,
+    FPNNeck,
+    _init_predictor,
+    clean_detection_target,
+    fpn_rpn,
+    hflip_detection,
+    make_transform,
+)
+
+# COCO order: nose, eyes (l, r), ears (l, r), shoulders, elbows, wrists, hips, knees, ankles.
+COCO_KEYPOINT_FLIP = (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15)
+
+
+def build_keypoint_model(
+    backbone: nn.Module,
+    num_keypoints: int = 17,
+    min_size: int | Sequence[int] = (640, 672, 704, 736, 768, 800),
+    max_size: int = 1333,
+    test_min_size: int | None = 800,
+    fpn_channels: int | None = None,
+    representation_size: int = 1024,
+    keypoint_head_channels: int = 512,
+    keypoint_head_layers: int = 8,
+    anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
+    box_detections_per_img: int = 100,
+    box_batch_size_per_image: int = 512,
+) -> KeypointRCNN:
+    """Keypoint R-CNN (one object class, person): FPN neck as ``build_detector(head="fpn")``, 14x14
+    keypoint RoIAlign, ``keypoint_head_layers`` 3x3 convs of ``keypoint_head_channels`` (Mask R-CNN
+    paper: 8 x 512), deconv + 2x upsampling to 56x56 heatmaps. Defaults follow detectron2's
+    keypoint_rcnn_R_50_FPN_1x (multi-scale 640-800 training, 800 test)."""
+    if num_keypoints < 1:
+        raise HarnessError(f"num_keypoints must be >= 1, got {num_keypoints}")
+    neck = FPNNeck(backbone, fpn_channels or 256)
+    anchors, rpn_head = fpn_rpn(anchor_sizes, neck.out_channels)
+    names = neck.featmap_names
+    model = KeypointRCNN(
+        neck,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        rpn_head=rpn_head,
+        box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
+        box_head=TwoMLPHead(neck.out_channels * 7 * 7, representation_size),
+        box_predictor=_init_predictor(FastRCNNPredictor(representation_size, 2)),
+        box_detections_per_img=box_detections_per_img,
+        box_batch_size_per_image=box_batch_size_per_image,
+        keypoint_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
+        keypoint_head=KeypointRCNNHeads(neck.out_channels, (keypoint_head_channels,) * keypoint_head_layers),
+        keypoint_predictor=KeypointRCNNPredictor(keypoint_head_channels, num_keypoints),
+    )
+    model.transform = make_transform(min_size, max_size, test_min_size)
+    model.head_type = "keypoint_fpn"
+    return model
+
+
+def hflip_keypoints(image: Tensor, target: dict, flip_index: Sequence[int] = COCO_KEYPOINT_FLIP) -> tuple[Tensor, dict]:
+    """Mirror image, boxes and keypoints; left/right keypoints swap through ``flip_index``."""
+    width = image.shape[-1]
+    flipped, target = hflip_detection(image, target)
+    if "keypoints" in target:
+        kps = target["keypoints"].clone()
+        if kps.shape[-2] != len(flip_index):
+            raise HarnessError(f"keypoints have {kps.shape[-2]} points but the flip map names {len(flip_index)}")
+        kps[..., 0] = width - kps[..., 0]
+        kps = kps[:, list(flip_index)]
+        kps[kps[..., 2] == 0] = 0  # invisible points carry no position
+        target["keypoints"] = kps
+    return flipped, target
+
+
+def keypoint_train_augment(flip_prob: float = 0.5, flip_index: Sequence[int] = COCO_KEYPOINT_FLIP) -> Callable:
+    """``fn(image, target, generator)``: drop crowd/degenerate boxes, random flip with keypoint swap."""
+
+    def augment(image: Tensor, target: dict, generator: torch.Generator) -> tuple[Tensor, dict]:
+        target = clean_detection_target(target)
+        if torch.rand((), generator=generator).item() < flip_prob:
+            image, target = hflip_keypoints(image, target, flip_index)
+        return image, target
+
+    return augment

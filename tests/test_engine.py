@@ -1,0 +1,287 @@
+"""Engine: schedule, NaN guard, clipping, checkpoints + resume (SIGKILL test), logs, predict.
+
+This file is also a script (``python tests/test_engine.py run OUT [--slow]``): the resume test
+runs it in subprocesses and kills one with SIGKILL mid-training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness.engine import TrainConfig, lr_factor, predict, sample_seed, train  # noqa: E402
+from harness.errors import HarnessError  # noqa: E402
+from harness.models import detection_train_augment  # noqa: E402
+from harness.protocols import apply_protocol  # noqa: E402
+from test_models import Shapes, tiny_backbone, tiny_detector  # noqa: E402
+
+HERE = Path(__file__).resolve()
+
+
+# ----------------------------------------------------------------------------- toy pieces
+class Toy(nn.Module):
+    """Linear regression with two loss terms; the loss turns NaN from forward call ``nan_at`` on."""
+
+    def __init__(self, nan_at: int | None = None):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.bn = nn.BatchNorm1d(1)
+        self.calls, self.nan_at = 0, nan_at
+
+    def forward(self, images, targets=None):
+        self.calls += 1
+        x = torch.stack([im.flatten()[:4] for im in images])
+        pred = self.bn(self.lin(x)).squeeze(1)
+        if targets is None:
+            return [{"value": p} for p in pred]
+        loss = ((pred - torch.stack(targets)) ** 2).mean()
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            loss = loss * float("nan")
+        return {"loss_a": loss, "loss_b": 0.5 * loss}
+
+
+class ToyData(Dataset):
+    def __init__(self, n: int = 10):
+        g = torch.Generator().manual_seed(0)
+        self.items = [(torch.rand(3, 2, 2, generator=g) * 10, torch.rand((), generator=g)) for _ in range(n)]
+        self.seen: list[int] = []
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.seen.append(i)
+        return self.items[i]
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(iterations=6, batch_size=2, lr=0.01, warmup_iters=2, steps=(4,), checkpoint_period=3, log_period=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ----------------------------------------------------------------------------- schedule, config
+def test_warmup_multistep_schedule():
+    cfg = TrainConfig(iterations=100, batch_size=2, lr=0.02, warmup_iters=10, warmup_factor=0.001, steps=(60, 80))
+    assert lr_factor(cfg, 0) == pytest.approx(0.001)
+    assert lr_factor(cfg, 5) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lr_factor(cfg, 10) == 1.0 and lr_factor(cfg, 59) == 1.0
+    assert lr_factor(cfg, 60) == pytest.approx(0.1) and lr_factor(cfg, 80) == pytest.approx(0.01)
+
+
+def test_poly_schedule():
+    cfg = TrainConfig(iterations=100, batch_size=2, lr=0.01, warmup_iters=0, schedule="poly", min_lr=1e-4)
+    assert lr_factor(cfg, 0) == pytest.approx(1.0)
+    assert lr_factor(cfg, 50) * 0.01 == pytest.approx((0.01 - 1e-4) * 0.5**0.9 + 1e-4)
+    assert lr_factor(cfg, 100) * 0.01 == pytest.approx(1e-4)
+    with pytest.raises(HarnessError, match="schedule"):
+        TrainConfig(iterations=10, batch_size=2, lr=0.1, schedule="cosine")
+
+
+def test_bad_config_is_a_user_error():
+    assert TrainConfig.from_dict({"iterations": 5, "batch_size": 2, "lr": 0.1, "steps": [3]}).steps == (3,)
+    with pytest.raises(HarnessError, match="unknown training setting.*lr_steps"):
+        TrainConfig.from_dict({"iterations": 5, "batch_size": 2, "lr": 0.1, "lr_steps": [3]})
+    with pytest.raises(HarnessError, match="lacks lr"):
+        TrainConfig.from_dict({"iterations": 5, "batch_size": 2})
+    with pytest.raises(HarnessError, match="steps"):
+        TrainConfig(iterations=10, batch_size=2, lr=0.1, steps=(8, 4))
+    with pytest.raises(HarnessError, match="iterations"):
+        TrainConfig(iterations=0, batch_size=2, lr=0.1)
+
+
+# ----------------------------------------------------------------------------- loop behaviour
+def test_train_logs_checkpoints_and_skips_when_done(tmp_path):
+    torch.manual_seed(0)
+    model, data = Toy(), ToyData()
+    result = train(model, data, _cfg(), tmp_path, progress=False)
+    assert result.start_iteration == 0 and result.precision == "fp32" and result.per_process_batch == 2
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iter"] for line in lines] == [2, 4, 6]
+    assert set(lines[0]) == {"iter", "loss", "loss_a", "loss_b", "lr", "time"}
+    assert lines[0]["loss"] == pytest.approx(lines[0]["loss_a"] + lines[0]["loss_b"])
+    assert lines[0]["lr"] == pytest.approx(0.01 * (0.001 * 0.5 + 0.5))  # iteration 2: warmup alpha 1/2
+    assert lines[2]["lr"] == pytest.approx(0.001)  # after the step at 4
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "iteration", "rng", "epoch", "batch_in_epoch"} <= set(ckpt)
+    assert ckpt["iteration"] == 6 and ckpt["epoch"] == 1 and ckpt["batch_in_epoch"] == 1
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    again = train(Toy(), data, _cfg(), tmp_path, progress=False)  # finished: nothing to do
+    assert again.start_iteration == 6
+    with pytest.raises(HarnessError, match="other settings.*lr"):
+        train(Toy(), data, _cfg(lr=0.5), tmp_path, progress=False)
+    fresh = Toy()
+    train(fresh, data, _cfg(), tmp_path, progress=False)
+    assert all(torch.equal(weights[k], v) for k, v in fresh.state_dict().items())  # loaded from the checkpoint
+
+
+def test_nan_loss_stops_with_the_iteration(tmp_path):
+    with pytest.raises(HarnessError, match=r"diverged at iteration 3: non-finite loss \(loss=nan"):
+        train(Toy(nan_at=3), ToyData(), _cfg(checkpoint_period=100), tmp_path, progress=False)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_gradient_clipping_bounds_the_step(tmp_path):
+    torch.manual_seed(0)
+    model = Toy()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    cfg = _cfg(iterations=1, lr=1.0, momentum=0.0, weight_decay=0.0, warmup_iters=0, clip_grad_norm=1e-3)
+    train(model, ToyData(), cfg, tmp_path, progress=False)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert 0 < (after - before).norm() <= 1e-3 + 1e-7
+
+
+def test_data_order_and_augmentation_depend_only_on_seed_epoch_index(tmp_path):
+    calls = []
+
+    def augment(image, target, generator):
+        calls.append(torch.rand((), generator=generator).item())
+        return image, target
+
+    orders = []
+    for run, seed in enumerate((0, 0, 1)):
+        data = ToyData()
+        calls.clear()
+        train(Toy(), data, _cfg(iterations=8, seed=seed), tmp_path / str(run), augment=augment, progress=False)
+        orders.append((list(data.seen), list(calls)))
+    assert orders[0] == orders[1] and orders[0][0] != orders[2][0]
+    assert sorted(orders[0][0][:10]) == list(range(10))  # epoch 0 is a permutation
+    expected = torch.rand((), generator=torch.Generator().manual_seed(sample_seed(0, 0, orders[0][0][0]))).item()
+    assert orders[0][1][0] == expected
+
+
+def test_too_small_dataset_and_indivisible_batch(tmp_path):
+    with pytest.raises(HarnessError, match="fewer than one batch"):
+        train(Toy(), ToyData(1), _cfg(), tmp_path, progress=False)
+    with pytest.raises(HarnessError, match="nothing to train"):
+        model = Toy()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        train(model, ToyData(), _cfg(), tmp_path, progress=False)
+
+
+def test_train_a_segmenter_with_its_augmentation(tmp_path):
+    from harness.models import build_segmenter, segmentation_train_augment
+
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    model = build_segmenter(backbone, num_classes=3, aspp_channels=8)
+    apply_protocol(model, backbone, "frozen")
+    result = train(model, Shapes(4, kind="segmentation"), _cfg(iterations=2, checkpoint_period=2), tmp_path,
+                   augment=segmentation_train_augment(crop_size=48), progress=False)
+    assert set(result.final_losses) == {"loss", "loss_seg"}
+
+
+# ----------------------------------------------------------------------------- predict
+def test_predict_covers_every_image_once_in_order():
+    torch.manual_seed(0)
+    model = Toy()
+    data = ToyData(7)
+    seen_targets = []
+
+    def post(output, target):
+        seen_targets.append(float(target))
+        return float(output["value"])
+
+    preds = predict(model, data, batch_size=3, postprocess=post, progress=False)
+    assert len(preds) == 7 and data.seen == list(range(7))
+    assert seen_targets == [float(t) for _, t in data.items]
+    assert model.training  # mode restored
+    model.eval()
+    with torch.no_grad():
+        ref = [float(model([im])[0]["value"]) for im, _ in data.items]
+    assert preds == pytest.approx(ref, abs=1e-6)
+
+
+def test_predict_on_a_detector_and_a_segmenter():
+    torch.manual_seed(0)
+    preds = predict(tiny_detector(), Shapes(3), progress=False)
+    assert len(preds) == 3 and {"boxes", "labels", "scores"} <= set(preds[0])
+    from harness.models import build_segmenter
+
+    seg = build_segmenter(tiny_backbone(), num_classes=3, aspp_channels=8)
+    masks = predict(seg, Shapes(2, kind="segmentation"), progress=False)
+    assert masks[0].dtype == torch.uint8 and masks[0].shape == (64, 80)
+
+
+# ----------------------------------------------------------------------------- SIGKILL resume
+ITERS = 16
+
+
+def _run_worker(out: Path, slow: bool = False) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parents[1]))
+    args = [sys.executable, str(HERE), "run", str(out)] + (["--slow"] if slow else [])
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _metrics(out: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k != "time"} for line in lines]
+
+
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = _run_worker(straight)
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+
+    proc = _run_worker(killed, slow=True)
+    ckpt = killed / "checkpoint.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    interrupted_at = torch.load(ckpt, weights_only=True)["iteration"]
+    assert 0 < interrupted_at < ITERS
+
+    proc = _run_worker(killed)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    assert f"resumed from {interrupted_at}" in output
+
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert a["iteration"] == b["iteration"] == ITERS
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert _metrics(straight) == _metrics(killed)
+
+
+def _worker(out: str, slow: bool) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    model = tiny_detector(backbone)
+    apply_protocol(model, backbone, "finetune")
+    flip = detection_train_augment()
+
+    def augment(image, target, generator):
+        if slow:
+            time.sleep(0.15)
+        return flip(image, target, generator)
+
+    cfg = TrainConfig(iterations=ITERS, batch_size=2, lr=0.02, warmup_iters=4, steps=(10,), checkpoint_period=4,
+                      log_period=2, seed=3)
+    result = train(model, Shapes(6), cfg, out, augment=augment, progress=False)
+    print(f"resumed from {result.start_iteration}", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "run":
+        _worker(sys.argv[2], slow="--slow" in sys.argv)

@@ -1,0 +1,296 @@
+"""Task models: Faster R-CNN (FPN, C4), DeepLabV3 (OS 16), Keypoint R-CNN, and their augmentations.
+
+Also home of the tiny test helpers (``tiny_backbone``, ``Shapes``, ``PyramidStandIn``,
+``tiny_detector``) that test_protocols/test_engine/test_distributed import.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from harness.backbones import FeatureInfo, build_backbone
+from harness.errors import HarnessError
+from harness.models import (
+    COCO_KEYPOINT_FLIP,
+    build_detector,
+    build_keypoint_model,
+    build_model,
+    build_segmenter,
+    detection_train_augment,
+    keypoint_train_augment,
+    segmentation_train_augment,
+    train_augment,
+)
+from harness.models.pose import hflip_keypoints
+
+SMALL_ANCHORS = (8, 16, 32, 64, 128)
+
+
+# ----------------------------------------------------------------------------- helpers
+def tiny_backbone(arch: str = "resnet18") -> nn.Module:
+    return build_backbone(arch)
+
+
+class PyramidStandIn(nn.Module):
+    """A non-ResNet backbone honouring the contract (c2..c5 + feature_info) with no ``layer4``."""
+
+    def __init__(self, widths=(8, 16, 24, 32)):
+        super().__init__()
+        self.arch = "pyramid-standin"
+        self.stem = nn.Conv2d(3, widths[0], 4, stride=4)
+        self.stages = nn.ModuleList(
+            [nn.Identity()] + [nn.Conv2d(a, b, 2, stride=2) for a, b in zip(widths[:-1], widths[1:])]
+        )
+        self.norm = nn.GroupNorm(1, widths[-1])
+        self.feature_info = [FeatureInfo(f"c{i + 2}", w, 4 * 2**i) for i, w in enumerate(widths)]
+
+    def forward(self, x):
+        x = self.stem(x - 0.5)
+        out = OrderedDict()
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            out[f"c{i + 2}"] = self.norm(x) if i == 3 else x
+        return out
+
+
+class Shapes(Dataset):
+    """``n`` deterministic images with one or two filled rectangles (label = colour, 1..2).
+
+    kind "detection": COCO-style targets; "keypoints": + 17 keypoints inside each box (label 1);
+    "segmentation": int64 mask (0 background, 255 on a one-pixel border of each rectangle).
+    """
+
+    def __init__(self, n: int = 8, size=(64, 80), seed: int = 0, kind: str = "detection"):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        h, w = size
+        for i in range(n):
+            image = torch.rand(3, h, w, generator=g) * 0.2
+            mask = torch.zeros(h, w, dtype=torch.int64)
+            boxes, labels, kps = [], [], []
+            for _ in range(1 + i % 2):
+                bw, bh = [int(torch.randint(16, 32, (), generator=g)) for _ in range(2)]
+                x0, y0 = int(torch.randint(0, w - bw, (), generator=g)), int(torch.randint(0, h - bh, (), generator=g))
+                label = int(torch.randint(1, 3, (), generator=g))
+                image[label - 1, y0 : y0 + bh, x0 : x0 + bw] = 1.0
+                mask[y0 : y0 + bh, x0 : x0 + bw] = label
+                mask[y0, x0 : x0 + bw] = 255
+                boxes.append([x0, y0, x0 + bw, y0 + bh])
+                labels.append(label if kind != "keypoints" else 1)
+                pts = torch.rand(17, 2, generator=g) * torch.tensor([bw, bh]) + torch.tensor([x0, y0])
+                kps.append(torch.cat([pts, torch.full((17, 1), 2.0)], 1))
+            if kind == "segmentation":
+                self.items.append((image, mask))
+                continue
+            target = {
+                "boxes": torch.tensor(boxes, dtype=torch.float32),
+                "labels": torch.tensor(labels, dtype=torch.int64),
+                "image_id": i,
+                "iscrowd": torch.zeros(len(boxes), dtype=torch.int64),
+            }
+            if kind == "keypoints":
+                target["keypoints"] = torch.stack(kps)
+            self.items.append((image, target))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def tiny_detector(backbone: nn.Module | None = None, head: str = "fpn", num_classes: int = 2, **kw) -> nn.Module:
+    backbone = backbone if backbone is not None else tiny_backbone()
+    opts = dict(min_size=64, max_size=96, anchor_sizes=SMALL_ANCHORS, box_batch_size_per_image=64,
+                rpn_batch_size_per_image=64)
+    if head == "fpn":
+        opts.update(fpn_channels=32, representation_size=64)
+    opts.update(kw)
+    return build_detector(backbone, num_classes, head=head, **opts)
+
+
+def _batch(ds, n=2):
+    items = [ds[i] for i in range(n)]
+    return [im for im, _ in items], [t for _, t in items]
+
+
+# ----------------------------------------------------------------------------- detection
+def test_fpn_detector_reads_channels_and_follows_the_interface():
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    model = tiny_detector(backbone)
+    assert model.backbone.body is backbone
+    fpn_in = [block[0].in_channels for block in model.backbone.fpn.inner_blocks]
+    assert fpn_in == [f.channels for f in backbone.feature_info] == [64, 128, 256, 512]
+    assert model.backbone.out_channels == 32
+    assert list(model.transform.image_mean) == [0.0] * 3 and list(model.transform.image_std) == [1.0] * 3
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3  # 2 classes + background
+
+    images, targets = _batch(Shapes(2))
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        preds = model(images)
+    assert len(preds) == 2 and set(preds[0]) == {"boxes", "labels", "scores"}
+    boxes = preds[0]["boxes"]
+    assert boxes.shape[1] == 4 and (boxes[:, 2] <= 80 + 1e-3).all() and (boxes[:, 3] <= 64 + 1e-3).all()
+
+
+def test_c4_detector_runs_res5_only_as_the_box_head():
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    model = tiny_detector(backbone, head="c4")
+    assert model.roi_heads.box_head.res5 is backbone.layer4
+    assert model.rpn.head.conv[0][0].in_channels == 256  # c4 of resnet18, from feature_info
+    assert model.roi_heads.box_predictor.cls_score.in_features == 512  # c5 channels
+    seen = []
+    hook = backbone.layer4.register_forward_hook(lambda m, i, o: seen.append((tuple(i[0].shape[-2:]), tuple(o.shape[-2:]))))
+    images, targets = _batch(Shapes(2))
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    model.eval()
+    with torch.no_grad():
+        preds = model(images)
+    hook.remove()
+    assert seen == [((14, 14), (7, 7))] * 2  # never on the whole image, always 14x14 RoIs -> 7x7
+    assert isinstance(backbone.layer4, nn.Sequential)  # restored after the trunk skipped it
+    assert set(preds[0]) == {"boxes", "labels", "scores"}
+
+
+def test_c4_needs_a_res5_stage():
+    with pytest.raises(HarnessError, match="res5"):
+        tiny_detector(PyramidStandIn(), head="c4")
+    with pytest.raises(HarnessError, match="unknown detection head"):
+        tiny_detector(head="c5")
+
+
+def test_fpn_detector_on_a_non_resnet_backbone():
+    model = tiny_detector(PyramidStandIn())
+    images, targets = _batch(Shapes(2))
+    model.train()
+    assert torch.isfinite(sum(model(images, targets).values()))
+
+
+def test_transform_multiscale_train_and_fixed_test_size():
+    model = tiny_detector(min_size=(48, 56), max_size=200, test_min_size=64)
+    image = torch.rand(3, 64, 80)
+    model.eval()
+    batch, _ = model.transform([image])
+    assert batch.image_sizes == [(64, 80)]
+    model.train()
+    sizes = set()
+    for _ in range(20):
+        batch, _ = model.transform([image], [{"boxes": torch.tensor([[1.0, 1, 9, 9]]), "labels": torch.tensor([1])}])
+        sizes.add(batch.image_sizes[0][0])
+    assert sizes == {48, 56}
+
+
+# ----------------------------------------------------------------------------- segmentation
+def test_segmenter_dilates_res5_for_output_stride_16():
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    model = build_segmenter(backbone, num_classes=3, aspp_channels=16)
+    assert model.feature == "c5" and model.output_stride == 16
+    convs = [m for m in backbone.layer4.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.stride == (1, 1) for c in convs)
+    assert all(c.dilation == (2, 2) for c in convs if c.kernel_size[0] == 3)
+    assert backbone(torch.rand(1, 3, 64, 64))["c5"].shape[-2:] == (4, 4)
+    assert model.classifier[0].convs[0][0].in_channels == 512  # from feature_info
+
+    ds = Shapes(2, kind="segmentation")
+    images, masks = _batch(ds)
+    model.train()
+    losses = model(images, masks)
+    assert set(losses) == {"loss_seg"} and torch.isfinite(losses["loss_seg"])
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 64, 80), torch.rand(3, 50, 70)])
+        batched = model(torch.rand(2, 3, 64, 64))
+    assert [tuple(o.shape) for o in out] == [(3, 64, 80), (3, 50, 70)]
+    assert tuple(batched.shape) == (2, 3, 64, 64)
+
+
+def test_segmenter_uses_c4_without_a_res5_stage():
+    model = build_segmenter(PyramidStandIn(), num_classes=3, aspp_channels=8)
+    assert model.feature == "c4" and model.output_stride == 16
+    with pytest.raises(HarnessError, match="output stride 8"):
+        build_segmenter(PyramidStandIn(), num_classes=3, output_stride=8)
+
+
+# ----------------------------------------------------------------------------- keypoints
+def test_keypoint_model_losses_and_predictions():
+    torch.manual_seed(0)
+    model = build_keypoint_model(
+        tiny_backbone(), min_size=64, max_size=96, test_min_size=64, fpn_channels=32, representation_size=64,
+        keypoint_head_channels=16, keypoint_head_layers=2, anchor_sizes=SMALL_ANCHORS,
+    )
+    images, targets = _batch(Shapes(2, kind="keypoints"))
+    model.train()
+    losses = model(images, targets)
+    assert "loss_keypoint" in losses and all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        preds = model(images)
+    assert {"boxes", "labels", "scores", "keypoints"} <= set(preds[0])
+    assert preds[0]["keypoints"].shape[1:] == (17, 3)
+
+
+# ----------------------------------------------------------------------------- augmentation
+def test_detection_flip_mirrors_boxes_and_drops_crowds():
+    image = torch.zeros(3, 10, 20)
+    target = {"boxes": torch.tensor([[2.0, 1, 6, 5], [0, 0, 3, 3], [4, 4, 4, 8]]), "labels": torch.tensor([1, 2, 1]),
+              "iscrowd": torch.tensor([0, 1, 0]), "image_id": 7}
+    always = detection_train_augment(flip_prob=1.0)
+    img, out = always(image, target, torch.Generator().manual_seed(0))
+    assert out["boxes"].tolist() == [[14.0, 1.0, 18.0, 5.0]]  # crowd and zero-width boxes dropped
+    assert out["labels"].tolist() == [1] and out["image_id"] == 7
+    never = detection_train_augment(flip_prob=0.0)
+    _, same = never(image, target, torch.Generator().manual_seed(0))
+    assert same["boxes"].tolist() == [[2.0, 1.0, 6.0, 5.0]]
+
+
+def test_keypoint_flip_swaps_left_and_right():
+    image = torch.zeros(3, 10, 20)
+    kps = torch.zeros(1, 17, 3)
+    kps[0, 1] = torch.tensor([3.0, 4.0, 2.0])  # left eye
+    kps[0, 5] = torch.tensor([5.0, 6.0, 1.0])  # left shoulder
+    target = {"boxes": torch.tensor([[1.0, 1, 9, 9]]), "labels": torch.tensor([1]), "keypoints": kps}
+    _, out = hflip_keypoints(image, target)
+    assert out["keypoints"][0, 2].tolist() == [17.0, 4.0, 2.0]  # now the right eye
+    assert out["keypoints"][0, 6].tolist() == [15.0, 6.0, 1.0]
+    assert out["keypoints"][0, 1].tolist() == [0.0, 0.0, 0.0]  # the invisible right eye moved left
+    assert sorted(COCO_KEYPOINT_FLIP) == list(range(17))
+    aug = keypoint_train_augment(flip_prob=1.0)
+    _, out2 = aug(image, target, torch.Generator().manual_seed(0))
+    assert torch.equal(out2["keypoints"], out["keypoints"])
+
+
+def test_segmentation_augment_crops_pads_and_is_seeded():
+    image, mask = torch.rand(3, 30, 40), torch.randint(0, 3, (30, 40))
+    aug = segmentation_train_augment(crop_size=48, scale_range=(0.5, 0.5), flip_prob=0.0)
+    img, m = aug(image, mask, torch.Generator().manual_seed(1))
+    assert img.shape == (3, 48, 48) and m.shape == (48, 48)
+    assert (m[15:, :] == 255).all() and (m[:, 20:] == 255).all()  # 15x20 after scaling, padded with ignore
+    aug2 = segmentation_train_augment(crop_size=24)
+    a = aug2(image, mask, torch.Generator().manual_seed(3))
+    b = aug2(image, mask, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_build_model_dispatch_and_bad_settings():
+    model = build_model("segmentation", PyramidStandIn(), num_classes=3, aspp_channels=8)
+    assert model.head_type == "deeplabv3"
+    with pytest.raises(HarnessError, match="bad model settings"):
+        build_model("detection", PyramidStandIn(), num_classes=2, fpn_width=8)
+    with pytest.raises(HarnessError, match="unknown task kind"):
+        build_model("depth", PyramidStandIn())
+    assert callable(train_augment("keypoints", flip_prob=0.5))
