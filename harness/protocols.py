@@ -12,8 +12,9 @@ finetune (MoCo's detection protocol)
     (torchvision's FrozenBatchNorm2d) stay fixed and are counted in the ProtocolInfo.
 
 frozen (the paper's frozen-features experiment)
-    No backbone parameter or buffer changes: ``requires_grad`` is False on every backbone
-    parameter, and every backbone module runs in eval mode (BatchNorm uses its running statistics
+    No pretrained backbone parameter or buffer changes: ``requires_grad`` is False on every
+    backbone parameter that comes from the checkpoint (a ViT's newly initialised simple feature
+    pyramid is neck and trains), and every backbone module runs in eval mode (BatchNorm uses its running statistics
     and does not update them; dropout/drop-path are off). A forward pre-hook on each backbone
     module enforces eval mode just before it runs, so ``model.train()`` calls cannot undo it, and a
     backbone stage reused as a head (the C4 model's res5) stays frozen too. Only the neck (FPN) and
@@ -58,12 +59,21 @@ def _eval_pre_hook(module: nn.Module, args) -> None:
     module.training = False
 
 
+def _new_module_names(backbone: nn.Module) -> set[str]:
+    """Modules holding the backbone's newly initialised parameters (a ViT's simple feature pyramid)."""
+    names = backbone.new_parameter_names() if hasattr(backbone, "new_parameter_names") else []
+    return {n.rsplit(".", 1)[0] for n in names}
+
+
 def freeze_backbone(backbone: nn.Module) -> None:
-    """No gradient, eval mode now and before every forward of every backbone module (idempotent)."""
-    for p in backbone.parameters():
-        p.requires_grad_(False)
+    """No gradient, eval mode now and before every forward of every pretrained backbone module
+    (idempotent). Layers the backbone adds on top of its checkpoint (a ViT's feature pyramid) are
+    neck, not pretrained weights: they keep training."""
+    new_modules = _new_module_names(backbone)
+    for name, p in backbone.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[0] in new_modules)
     if not hasattr(backbone, _HOOKS_ATTR):
-        handles = [m.register_forward_pre_hook(_eval_pre_hook) for m in backbone.modules()]
+        handles = [m.register_forward_pre_hook(_eval_pre_hook) for n, m in backbone.named_modules() if n not in new_modules]
         object.__setattr__(backbone, _HOOKS_ATTR, handles)
     backbone.eval()
 
