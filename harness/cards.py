@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -21,8 +22,17 @@ PROFILES = ("full", "short", "smoke")
 PROTOCOLS = ("finetune", "frozen")
 
 
+TASKS_ENV = "HARNESS_TASKS"
+
+
 def cards_dir() -> Path:
-    """`tasks/` of the checkout (editable installs), else the copy shipped inside the package."""
+    """$HARNESS_TASKS if set; else `tasks/` of the checkout (editable installs), else the copy
+    shipped inside the package."""
+    if os.environ.get(TASKS_ENV):
+        folder = Path(os.environ[TASKS_ENV])
+        if not folder.is_dir():
+            raise HarnessError(f"{TASKS_ENV}={folder}: no such folder of task cards")
+        return folder
     here = Path(__file__).resolve().parent
     for candidate in (here.parent / "tasks", here / "task_cards"):
         if candidate.is_dir():
@@ -82,6 +92,13 @@ class Profile(_Strict):
     scale_range: tuple[float, float] = (0.5, 2.0)  # segmentation: random rescale of the base size
     flip: bool = True
     neck_channels: int = Field(gt=0, description="FPN or ASPP channels")
+    roi_batch_per_image: int = Field(default=512, gt=0, description="RoIs sampled per image for the box head")
+    proposals_test: int = Field(default=1000, gt=0, description="RPN proposals per image at test time")
+    c4_pool_size: int = Field(default=14, gt=1, description="C4 head RoIAlign size (res5 halves it)")
+    representation_size: int = Field(default=1024, gt=0, description="box head FC width (FPN)")
+    keypoint_head_layers: int = Field(default=8, gt=0)
+    keypoint_head_channels: int = Field(default=512, gt=0)
+    anchor_sizes: list[int] | None = Field(default=None, description="RPN anchor sizes (FPN: one per level p2..p6)")
     train_images: int | None = Field(default=None, gt=0, description="use only the first N training images (smoke)")
     checkpoint_period: int = Field(default=1000, gt=0)
 

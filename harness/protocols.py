@@ -73,7 +73,14 @@ def freeze_backbone(backbone: nn.Module) -> None:
     for name, p in backbone.named_parameters():
         p.requires_grad_(name.rsplit(".", 1)[0] in new_modules)
     if not hasattr(backbone, _HOOKS_ATTR):
-        handles = [m.register_forward_pre_hook(_eval_pre_hook) for n, m in backbone.named_modules() if n not in new_modules]
+        frozen = [m for n, m in backbone.named_modules() if n not in new_modules]
+
+        def _all_eval(module, args):  # also reaches modules a family never calls directly (fused dropout)
+            for m in frozen:
+                m.training = False
+
+        handles = [m.register_forward_pre_hook(_eval_pre_hook) for m in frozen[1:]]
+        handles.append(backbone.register_forward_pre_hook(_all_eval))
         object.__setattr__(backbone, _HOOKS_ATTR, handles)
     backbone.eval()
 

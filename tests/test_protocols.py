@@ -126,3 +126,21 @@ def test_bad_protocol_and_foreign_backbone():
         apply_protocol(model, backbone, "linear")
     with pytest.raises(ValueError, match="not a submodule"):
         apply_protocol(model, tiny_backbone(), "frozen")
+
+
+def test_frozen_vit_keeps_its_new_feature_pyramid_trainable():
+    """A ViT's simple feature pyramid is newly initialised neck, not pretrained weights: it trains
+    under frozen, while every trunk parameter is frozen and the trunk runs in eval mode."""
+    from harness.backbones import build_backbone
+    from harness.protocols import apply_protocol
+
+    backbone = build_backbone("vit_small_patch16_224", img_size=64)
+    model = torch.nn.Sequential(backbone, torch.nn.Linear(1, 1))
+    apply_protocol(model, backbone, "frozen")
+    new = set(backbone.new_parameter_names())
+    assert new and all(n.startswith("pyramid.") for n in new)
+    for name, p in backbone.named_parameters():
+        assert p.requires_grad == (name in new), name
+    model.train()
+    backbone(torch.rand(1, 3, 64, 64))
+    assert not any(m.training for m in backbone.vit.modules())

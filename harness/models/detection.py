@@ -167,6 +167,8 @@ def build_detector(
     box_batch_size_per_image: int = 512,
     rpn_batch_size_per_image: int = 256,
     box_score_thresh: float = 0.05,
+    proposals_test: int = 1000,
+    c4_pool_size: int = 14,
 ) -> FasterRCNN:
     """Faster R-CNN for ``num_classes`` object classes (plus background).
 
@@ -175,7 +177,8 @@ def build_detector(
     head="c4": detectron2's R50-C4 (MoCo's VOC model): RPN on c4 with all anchor sizes, 14x14 RoIAlign
     on c4, the backbone's own ``layer4`` (res5, shared, pretrained) as box head, mean pool, predictor.
     ``min_size`` may be a list: training draws a short side from it; eval uses ``test_min_size``
-    (default: its largest).
+    (default: its largest). ``proposals_test``: RPN proposals kept per image at test time
+    (detectron2: 1000). ``c4_pool_size``: the C4 head's RoIAlign size (detectron2: 14; res5 halves it).
     """
     if num_classes < 1:
         raise HarnessError(f"num_classes must be >= 1, got {num_classes}")
@@ -185,6 +188,7 @@ def build_detector(
         box_batch_size_per_image=box_batch_size_per_image,
         rpn_batch_size_per_image=rpn_batch_size_per_image,
         box_score_thresh=box_score_thresh,
+        rpn_post_nms_top_n_test=proposals_test,
     )
     if head == "fpn":
         neck = FPNNeck(backbone, fpn_channels or 256)
@@ -216,8 +220,7 @@ def build_detector(
             rpn_pre_nms_top_n_train=12000,
             rpn_pre_nms_top_n_test=6000,
             rpn_post_nms_top_n_train=2000,
-            rpn_post_nms_top_n_test=1000,
-            box_roi_pool=MultiScaleRoIAlign(["c4"], output_size=14, sampling_ratio=0),
+            box_roi_pool=MultiScaleRoIAlign(["c4"], output_size=c4_pool_size, sampling_ratio=0),
             box_head=Res5BoxHead(backbone.get_submodule(res5_path)),
             box_predictor=_init_predictor(FastRCNNPredictor(info["c5"][0], num_classes + 1)),
             **common,

@@ -1,0 +1,97 @@
+"""`harness eval` end to end on synthetic data, with task cards shrunk to a few iterations."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.cards import cards_dir
+
+TINY = {"iterations": 3, "batch_size": 2, "lr": 0.01, "steps": [], "warmup_iters": 1, "train_images": 6,
+        "checkpoint_period": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_cards(tmp_path_factory) -> Path:
+    """Copies of the real cards whose smoke profile runs 3 iterations on 6 training images."""
+    folder = tmp_path_factory.mktemp("tasks")
+    for path in cards_dir().glob("*.yaml"):
+        card = yaml.safe_load(path.read_text())
+        smoke = card["profiles"]["smoke"]
+        smoke.update(TINY)
+        if smoke.get("schedule") == "poly":
+            smoke.pop("steps")
+        card["profiles"]["smoke"] = smoke
+        (folder / path.name).write_text(yaml.safe_dump(card))
+    return folder
+
+
+def harness(*args, env_extra=None, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=900)
+
+
+def test_eval_writes_results_skips_finished_runs_and_aggregates_seeds(tiny_cards, synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    args = ["eval", "--backbone", "random:resnet18", "--tasks", "voc,seg", "--protocols", "finetune,frozen",
+            "--profile", "smoke", "--data-root", synthetic_root, "--seeds", "2", "--out", out, "--no-progress", "--device", "cpu"]
+    first = harness(*args, env_extra={"HARNESS_TASKS": str(tiny_cards)})
+    assert first.returncode == 0, first.stderr[-3000:]
+    for task in ("voc", "seg"):
+        for protocol in ("finetune", "frozen"):
+            for seed in (0, 1):
+                run = out / task / protocol / f"seed{seed}"
+                result = json.loads((run / "result.json").read_text())
+                assert (result["task"], result["protocol"], result["profile"], result["seed"]) == (task, protocol, "smoke", seed)
+                assert result["backbone"]["sha256"] is None and result["backbone"]["layout"] == "random"
+                assert (run / "metrics.jsonl").is_file() and (run / "checkpoint.pt").is_file()
+                split = "ImageSets/Main/test.txt" if task == "voc" else "ImageSets/Segmentation/val.txt"
+                voc = "VOC2007" if task == "voc" else "VOC2012"
+                n = len((synthetic_root / "VOCdevkit" / voc / split).read_text().split())
+                assert result["dataset"]["images_scored"] == n
+                assert result["dataset"]["images_trained"] == 6 and result["training"]["iterations"] == 3
+    summary = json.loads((out / "results.json").read_text())
+    rows = {(r["task"], r["protocol"]): r for r in summary["runs"]}
+    miou = rows[("seg", "frozen")]["metrics"]["mIoU"]
+    assert len(miou["values"]) == 2 and miou["mean"] == pytest.approx(sum(miou["values"]) / 2)
+    assert "mAP@[.5,.95]" in first.stdout and "AP50" in first.stdout and "mIoU" in first.stdout
+    again = harness(*args, env_extra={"HARNESS_TASKS": str(tiny_cards)})
+    assert again.returncode == 0 and again.stdout.count("done earlier, skipped") == 8
+    assert json.loads((out / "results.json").read_text())["runs"] == summary["runs"]
+
+
+def test_eval_coco_and_pose_on_synthetic(tiny_cards, synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    done = harness("eval", "--backbone", "random:resnet18", "--tasks", "coco,pose", "--protocols", "frozen", "--profile", "smoke",
+                   "--data-root", synthetic_root, "--out", out, "--no-progress", "--device", "cpu",
+                   env_extra={"HARNESS_TASKS": str(tiny_cards)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    pose = json.loads((out / "pose/frozen/seed0/result.json").read_text())
+    assert {"AP", "AP50", "box_AP", "box_AP50"} <= set(pose["metrics"])
+    gt = json.loads((synthetic_root / "coco/annotations/person_keypoints_val2017.json").read_text())
+    assert pose["dataset"]["images_scored"] == len(gt["images"])
+    coco = json.loads((out / "coco/frozen/seed0/result.json").read_text())
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(coco["metrics"])
+
+
+def test_eval_user_errors_are_one_line(tmp_path):
+    missing = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--profile", "smoke",
+                      "--data-root", tmp_path, "--out", tmp_path / "o", "--device", "cpu")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "VOC2007 not found under" in missing.stderr and "missing" in missing.stderr
+    unknown = harness("eval", "--backbone", "random:resnet18", "--tasks", "imagenet", "--synthetic", "--out", tmp_path / "o")
+    assert unknown.returncode == 2 and "unknown task 'imagenet'" in unknown.stderr
+    no_root = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--out", tmp_path / "o",
+                      env_extra={"HARNESS_DATA": ""})
+    assert no_root.returncode == 2 and "no data root" in no_root.stderr
+    bad_ckpt = tmp_path / "x.pth"
+    bad_ckpt.write_text("not a checkpoint")
+    bad = harness("eval", "--backbone", bad_ckpt, "--arch", "resnet18", "--tasks", "voc", "--synthetic", "--out", tmp_path / "o")
+    assert bad.returncode == 2 and str(bad_ckpt) in bad.stderr and "\n" not in bad.stderr.strip()
