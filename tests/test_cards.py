@@ -35,7 +35,7 @@ def test_bad_card_names_file_and_field(tmp_path):
     data = yaml.safe_load((cards_dir() / "voc.yaml").read_text())
     data["profiles"]["smoke"]["steps"] = [500]
     (tmp_path / "voc.yaml").write_text(yaml.safe_dump(data))
-    with pytest.raises(HarnessError, match=r"voc.yaml: profiles.smoke: .*steps \[500\] must increase and lie below iterations 150"):
+    with pytest.raises(HarnessError, match=r"voc.yaml: profiles.smoke: .*steps \[500\] must increase and lie below iterations \d+"):
         load_card(tmp_path / "voc.yaml")
     data["model"]["head"] = "c5"
     (tmp_path / "voc.yaml").write_text(yaml.safe_dump(data))
