@@ -79,6 +79,8 @@ CATEGORY = {c.name: c for c in VOCAB}
 # ten COCO categories with COCO's real, non-contiguous ids (1..72)
 COCO_CLASSES = ("person", "bicycle", "car", "aeroplane", "boat", "bird", "dog", "bottle", "chair",
                 "tvmonitor")
+# people are about a third of COCO's objects, as in the real set (the pose task trains on them)
+COCO_WEIGHTS = np.array([4.0 if c == "person" else 1.0 for c in COCO_CLASSES])
 CROWD_CLASSES = ("person", "sheep", "bird", "bottle", "car")
 # the classes drawn in the synthetic VOC sets: half of VOC's 20, so that the smoke schedule (about
 # one epoch) can learn them; the other ten have no ground truth and drop out of the VOC mean.
@@ -769,7 +771,7 @@ def _write_coco(root: Path, seed: int, sizes: dict) -> dict:
             rng = _rng(seed, "coco", split, idx)
             w, h = _size(rng, sizes)
             n_obj = 0 if idx % 12 == 5 else int(rng.integers(1, 7))
-            scene = render_scene(rng, w, h, COCO_CLASSES, n_obj, crowd=idx % 10 == 2)
+            scene = render_scene(rng, w, h, COCO_CLASSES, n_obj, crowd=idx % 10 == 2, weights=COCO_WEIGHTS)
             name = f"{image_id:012d}.jpg"
             _save_jpeg(scene.image, img_dir / name)
             images.append({"id": image_id, "file_name": name, "width": w, "height": h, "license": 1,
