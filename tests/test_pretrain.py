@@ -1,0 +1,370 @@
+"""`harness pretrain`: subsets, the three data formats, losses, hierarchy, training, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harness.backbones import build_backbone, load_backbone
+from harness.errors import HarnessError
+from harness.pretrain import (
+    LabelHierarchy,
+    PretrainAugment,
+    PretrainConfig,
+    PretrainModel,
+    ShardStream,
+    brace_expand,
+    in_subset,
+    list_shards,
+    open_pretrain_data,
+    pretrain,
+    read_sidecar,
+    sigmoid_loss,
+    softmax_loss,
+    subset_score,
+    write_shards,
+)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _png_bytes(value: int, size: int = 8) -> bytes:
+    """A flat image whose red channel is ``value`` (lossless, so a sample can be told by its pixels)."""
+    import io
+
+    arr = np.zeros((size, size, 3), np.uint8)
+    arr[..., 0] = value
+    arr[..., 1] = 7
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_png(path: Path, value: int, size: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_png_bytes(value, size))
+
+
+LABELS = [["cat"], ["dog"], ["cat", "dog"], ["bird"], [], ["dog", "bird"]]
+
+
+def _manifest(tmp: Path) -> Path:
+    for i in range(len(LABELS)):
+        _write_png(tmp / "img" / f"{i}.png", 10 * i)
+    path = tmp / "m.jsonl"
+    path.write_text("".join(json.dumps({"path": f"img/{i}.png", "labels": ls}) + "\n" for i, ls in enumerate(LABELS)))
+    return path
+
+
+def _stream_values(stream, n: int) -> list[int]:
+    return [int(stream[i][0][0, 0, 0]) for i in range(n)]
+
+
+def _shards(tmp: Path, n: int = 24, per_shard: int = 4) -> Path:
+    records = [(f"s{i:03d}", _png_bytes(i), "png", ["even" if i % 2 == 0 else "odd"] + (["three"] if i % 3 == 0 else []))
+               for i in range(n)]
+    write_shards(records, str(tmp / "shards" / "data-%03d.tar"), per_shard)
+    return tmp / "shards"
+
+
+# ----------------------------------------------------------------------------- subsets
+def test_fraction_subsets_are_nested_and_sized_by_the_fraction():
+    keys = [f"images/{i:07d}.jpg" for i in range(4000)]
+    subsets = {f: {k for k in keys if in_subset(k, f)} for f in (0.01, 0.03, 0.1, 0.3, 1.0)}
+    assert subsets[0.01] <= subsets[0.03] <= subsets[0.1] <= subsets[0.3] <= subsets[1.0] == set(keys)
+    for f, s in subsets.items():  # binomial: within 5 standard deviations of f * N
+        assert abs(len(s) - f * len(keys)) <= 5 * math.sqrt(len(keys) * f * (1 - f)) + 1e-9, (f, len(s))
+    # the key alone decides: order does not matter, another salt gives another (still nested) subset
+    assert {k for k in reversed(keys) if in_subset(k, 0.1)} == subsets[0.1]
+    other = {k for k in keys if in_subset(k, 0.1, subset_seed=1)}
+    assert other != subsets[0.1] and other <= {k for k in keys if in_subset(k, 0.3, subset_seed=1)}
+    assert 0.0 <= subset_score("x") < 1.0
+
+
+def test_loaded_subsets_are_nested(tmp_path):
+    from harness.datasets.synthetic import write_pretrain_synthetic
+
+    manifest = write_pretrain_synthetic(tmp_path / "pre", size=60, label_noise=0.0, image_size=32)
+    keys = {}
+    for f in (0.1, 0.3, 1.0):
+        data = open_pretrain_data(str(manifest), fraction=f)
+        keys[f] = {r.key for r in data.dataset.records}
+        assert data.images == len(keys[f]) and data.total_images == 60
+    assert keys[0.1] < keys[0.3] < keys[1.0]
+    with pytest.raises(HarnessError):
+        open_pretrain_data(str(manifest), fraction=0.0)
+    with pytest.raises(HarnessError, match="empty"):
+        open_pretrain_data(str(manifest), fraction=1e-9)
+
+
+# ----------------------------------------------------------------------------- the three formats
+def test_image_folder(tmp_path):
+    for cls, values in (("dog", (1, 2)), ("cat", (3, 4, 5))):
+        for v in values:
+            _write_png(tmp_path / "tree" / cls / f"{v}.png", v)
+    (tmp_path / "tree" / "cat" / "notes.txt").write_text("not an image")
+    data = open_pretrain_data(str(tmp_path / "tree"))
+    assert (data.kind, data.classes, data.images) == ("imagefolder", ["cat", "dog"], 5)
+    for i in range(5):
+        image, target = data.dataset[i]
+        assert image.dtype == torch.uint8 and image.shape == (3, 8, 8)
+        expected = [1.0, 0.0] if int(image[0, 0, 0]) in (3, 4, 5) else [0.0, 1.0]
+        assert target["labels"].tolist() == expected
+    from harness.pretrain import resolve_loss
+
+    assert resolve_loss("auto", data.kind, None) == "softmax"
+    assert resolve_loss("auto", "manifest", None) == "sigmoid"
+
+
+def test_jsonl_and_csv_manifests(tmp_path):
+    jsonl = _manifest(tmp_path)
+    data = open_pretrain_data(str(jsonl))
+    assert (data.kind, data.classes, data.images) == ("manifest", ["bird", "cat", "dog"], 6)
+    for i, labels in enumerate(LABELS):
+        image, target = data.dataset[i]
+        assert int(image[0, 0, 0]) == 10 * i
+        assert target["labels"].tolist() == [float(c in labels) for c in data.classes]
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path,labels\n" + "".join(f"img/{i}.png,{';'.join(ls)}\n" for i, ls in enumerate(LABELS)))
+    from_csv = open_pretrain_data(str(csv_path))
+    assert from_csv.classes == data.classes
+    assert [t["labels"].tolist() for _, t in (from_csv.dataset[i] for i in range(6))] == \
+           [t["labels"].tolist() for _, t in (data.dataset[i] for i in range(6))]
+    # a folder holding manifest.jsonl is that manifest; a "label" key is one label
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"path": "img/0.png", "label": "cat"}) + "\n")
+    assert open_pretrain_data(str(tmp_path)).dataset.records[0].labels == ("cat",)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"path": "img/0.png"}\nnot json\n')
+    with pytest.raises(HarnessError, match=r"bad.jsonl:2"):
+        open_pretrain_data(str(bad))
+    with pytest.raises(HarnessError, match="header"):
+        (tmp_path / "bad.csv").write_text("file,tags\na.png,x\n")
+        open_pretrain_data(str(tmp_path / "bad.csv"))
+
+
+def test_webdataset_shards_stream_split_across_ranks_and_workers(tmp_path):
+    folder = _shards(tmp_path)
+    assert len(list_shards(str(folder))) == 6
+    assert list_shards(str(folder / "data-{000..005}.tar")) == list_shards(str(folder))
+    data = open_pretrain_data(str(folder), workers=2, shuffle_buffer=3)
+    assert (data.kind, data.images, data.total_images, data.shards) == ("wds", 24, 24, 6)
+    assert data.classes == ["even", "odd", "three"]
+    stream = data.dataset
+    try:
+        first_pass = _stream_values(stream, 24)
+        assert sorted(first_pass) == list(range(24))  # one pass = every sample once, shuffled
+        assert first_pass != list(range(24))
+        image, target = stream[24]
+        v = int(image[0, 0, 0])
+        assert target["labels"].tolist() == [float(v % 2 == 0), float(v % 2 == 1), float(v % 3 == 0)]
+    finally:
+        stream.close()
+    # two ranks x two workers: disjoint shards, together every sample once per pass
+    seen = []
+    for rank in (0, 1):
+        s = ShardStream(list_shards(str(folder)), {"even": 0, "odd": 1, "three": 2}, rank=rank, world_size=2,
+                        workers=2, shuffle_buffer=2)
+        try:
+            assert [len(w) for w in s.worker_shards] == [2, 1] and s.worker_images == [8, 4] and len(s) == 24
+            values = _stream_values(s, 24)  # two cycles: each one pass over this rank's 12 images
+            assert sorted(values[:12]) == sorted(values[12:]) and len(set(values[:12])) == 12
+            seen.append(values[:12])
+        finally:
+            s.close()
+    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(24))
+    # the subset filter applies to the stream too, with the same keys as everywhere
+    sub = open_pretrain_data(str(folder), fraction=0.5, workers=1)
+    expected = sorted(i for i in range(24) if in_subset(f"s{i:03d}", 0.5))
+    try:
+        assert sub.images == len(expected) and sorted(_stream_values(sub.dataset, sub.images)) == expected
+    finally:
+        sub.dataset.close()
+
+
+def test_shard_stream_is_deterministic_and_skip_resumes_it(tmp_path):
+    shards = list_shards(str(_shards(tmp_path)))
+    index = {"even": 0, "odd": 1, "three": 2}
+
+    def make():
+        return ShardStream(shards, index, workers=3, seed=5, shuffle_buffer=4)
+
+    a, b, c = make(), make(), make()
+    try:
+        full = _stream_values(a, 40)  # crosses into the second pass
+        assert _stream_values(b, 40) == full
+        c.skip(17)
+        assert [int(c[i][0][0, 0, 0]) for i in range(23)] == full[17:]
+    finally:
+        for s in (a, b, c):
+            s.close()
+
+
+def test_shards_with_cls_labels_and_pipe_urls(tmp_path):
+    import tarfile
+    import io
+
+    path = tmp_path / "cls.tar"
+    with tarfile.open(path, "w") as tf:
+        for i in range(4):
+            for name, payload in ((f"k{i}.png", _png_bytes(i)), (f"k{i}.cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    (tmp_path / "classes.txt").write_text("zero\none\n")
+    data = open_pretrain_data(f"pipe:cat {path}", classes=["zero", "one"], workers=1, shuffle_buffer=1)
+    try:
+        assert (data.kind, data.images, data.classes) == ("wds", 4, ["zero", "one"])
+        for i in range(4):
+            image, target = data.dataset[i]
+            assert target["labels"].tolist() == ([1.0, 0.0] if int(image[0, 0, 0]) % 2 == 0 else [0.0, 1.0])
+    finally:
+        data.dataset.close()
+    assert brace_expand("a{1..3}b{x,y}") == ["a1bx", "a1by", "a2bx", "a2by", "a3bx", "a3by"]
+    assert brace_expand("d-{008..010}.tar") == ["d-008.tar", "d-009.tar", "d-010.tar"]
+
+
+# ----------------------------------------------------------------------------- losses + hierarchy
+def test_sigmoid_loss_matches_a_hand_computation():
+    logits = torch.tensor([[2.0, -1.0, 0.0], [0.5, 0.0, -3.0]])
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+
+    def softplus(x):
+        return math.log1p(math.exp(x))
+
+    # -log sigmoid(z) = softplus(-z); -log(1 - sigmoid(z)) = softplus(z); summed over labels, mean over images
+    image0 = softplus(-2.0) + softplus(-1.0) + softplus(-0.0)
+    image1 = softplus(0.5) + softplus(0.0) + softplus(-3.0)
+    assert sigmoid_loss(logits, targets).item() == pytest.approx((image0 + image1) / 2, rel=1e-6)
+
+
+def test_softmax_loss_matches_a_hand_computation():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [5.0, 1.0, 1.0]])
+    targets = torch.tensor([[0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # last: no label, left out
+    lse0 = math.log(math.exp(1) + math.exp(2) + math.exp(3))
+    image0 = lse0 - 3.0  # -log softmax of the true class
+    image1 = math.log(3.0)  # uniform logits, target 1/2 on two classes: -(1/2 log 1/3) * 2
+    assert softmax_loss(logits, targets).item() == pytest.approx((image0 + image1) / 2, rel=1e-6)
+    # single label = torch's cross-entropy
+    one_hot = torch.eye(3)[[2, 0]]
+    ref = torch.nn.functional.cross_entropy(logits[:2], torch.tensor([2, 0]))
+    assert softmax_loss(logits[:2], one_hot).item() == pytest.approx(ref.item(), rel=1e-6)
+    zero = softmax_loss(logits[2:], targets[2:])
+    assert zero.item() == 0.0
+
+
+def test_hierarchy_adds_ancestors(tmp_path):
+    h = LabelHierarchy({"beagle": "dog", "dog": ["mammal", "pet"], "mammal": "animal", "cat": ["mammal", "pet"]})
+    assert h.expand(["beagle"]) == ["animal", "beagle", "dog", "mammal", "pet"]
+    assert h.expand(["cat", "rock"]) == ["animal", "cat", "mammal", "pet", "rock"]
+    with pytest.raises(HarnessError, match="cycle"):
+        LabelHierarchy({"a": "b", "b": "c", "c": "a"})
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps({"cat": "animal", "dog": "animal"}))
+    manifest = _manifest(tmp_path)
+    data = open_pretrain_data(str(manifest), hierarchy=LabelHierarchy.load(path))
+    assert data.classes == ["animal", "bird", "cat", "dog"]
+    by_value = {int(im[0, 0, 0]) // 10: t["labels"].tolist() for im, t in (data.dataset[i] for i in range(6))}
+    assert by_value[0] == [1.0, 0.0, 1.0, 0.0]  # cat -> cat + animal
+    assert by_value[3] == [0.0, 1.0, 0.0, 0.0]  # bird has no parent
+    assert by_value[4] == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_augment_and_model_shapes():
+    aug = PretrainAugment(image_size=32, min_scale=0.5)
+    image = torch.randint(0, 255, (3, 40, 60), dtype=torch.uint8)
+    out, _ = aug(image, {}, torch.Generator().manual_seed(0))
+    again, _ = aug(image, {}, torch.Generator().manual_seed(0))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(out, again)
+    model = PretrainModel(build_backbone("resnet18"), num_classes=5, loss="sigmoid")
+    losses = model([out, again], [{"labels": torch.tensor([1.0, 0, 0, 0, 1])}, {"labels": torch.zeros(5)}])
+    assert set(losses) == {"loss_cls"} and losses["loss_cls"].ndim == 0
+    model.eval()
+    assert model(torch.stack([out])).shape == (1, 5)
+
+
+# ----------------------------------------------------------------------------- training
+def _tiny_config(data: Path, out: Path, **kw) -> PretrainConfig:
+    base = dict(data=str(data), arch="resnet18", out=str(out), iterations=4, batch_size=4, lr=0.05,
+                image_size=48, warmup_iters=1, checkpoint_period=2, workers=0, progress=False, device="cpu")
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def test_pretrain_cli_writes_a_loadable_harness_checkpoint(tmp_path, capsys):
+    from harness.cli import main
+    from harness.datasets.synthetic import write_pretrain_synthetic
+
+    write_pretrain_synthetic(tmp_path / "pre", size=24, label_noise=0.2, image_size=48)
+    out = tmp_path / "ckpt.safetensors"
+    argv = ["pretrain", "--data", str(tmp_path / "pre"), "--arch", "resnet18", "--out", str(out), "--iterations", "3",
+            "--batch-size", "4", "--image-size", "48", "--fraction", "0.5", "--workers", "0", "--device", "cpu",
+            "--no-progress"]
+    assert main(argv) == 0
+    assert "resnet18 on" in capsys.readouterr().out
+    backbone = load_backbone(str(out))
+    assert backbone.checkpoint["layout"] == "harness" and backbone.arch == "resnet18"
+    torch.manual_seed(0)
+    init = build_backbone("resnet18").state_dict()
+    trained = backbone.state_dict()
+    changed = [k for k, v in init.items() if v.is_floating_point() and not torch.allclose(v, trained[k])]
+    assert any(k.startswith("conv1") for k in changed) and any(k.startswith("layer4") for k in changed)
+    feats = backbone(torch.rand(1, 3, 64, 64))
+    assert list(feats) == ["c2", "c3", "c4", "c5"]
+    record = read_sidecar(out)
+    assert record["images"] < record["total_images"] == 24 and record["loss"] == "sigmoid"
+    assert record["training"]["iterations"] == 3 and record["num_classes"] == len(record["settings"]["classes"])
+    assert (tmp_path / "ckpt.run" / "metrics.jsonl").is_file()
+    # rerun: same settings, nothing redone
+    assert main(argv) == 0
+    assert "kept" in capsys.readouterr().out
+    assert main(argv[:-1] + ["--fraction", "0", "--no-progress"]) == 2
+
+
+def _interrupt_after(monkeypatch, calls: int):
+    """Make the augmentation fail after ``calls`` samples (a crash in the middle of training)."""
+    original = PretrainAugment.__call__
+    count = {"n": 0}
+
+    def flaky(self, image, target, generator):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise RuntimeError("simulated crash")
+        return original(self, image, target, generator)
+
+    monkeypatch.setattr(PretrainAugment, "__call__", flaky)
+
+
+@pytest.mark.parametrize("kind", ["manifest", "wds"])
+def test_pretrain_resumes_to_the_same_weights(tmp_path, monkeypatch, kind):
+    from harness.datasets.synthetic import write_pretrain_synthetic
+
+    manifest = write_pretrain_synthetic(tmp_path / "pre", size=16, label_noise=0.0, image_size=40)
+    data = tmp_path / "pre"
+    if kind == "wds":
+        rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+        records = [(Path(r["path"]).stem, (data / r["path"]).read_bytes(), "jpg", r["labels"]) for r in rows]
+        data = tmp_path / "shards"
+        write_shards(records, str(data / "p-%02d.tar"), 4)
+    straight = pretrain(_tiny_config(data, tmp_path / "a.safetensors"))
+    assert straight["training"]["start_iteration"] == 0
+
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3 * 4)  # iterations 1-3 fetch 12 samples; the crash comes in iteration 4
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            pretrain(_tiny_config(data, tmp_path / "b.safetensors"))
+    assert not (tmp_path / "b.safetensors").exists()
+    resumed = pretrain(_tiny_config(data, tmp_path / "b.safetensors"))
+    assert resumed["training"]["start_iteration"] == 2  # the checkpoint of iteration 2
+    a = load_backbone(str(tmp_path / "a.safetensors")).state_dict()
+    b = load_backbone(str(tmp_path / "b.safetensors")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    def losses(run):
+        return [(r["iter"], r["loss"]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+
+    assert losses("a.run") == losses("b.run") and len(losses("a.run")) == 4
