@@ -32,9 +32,38 @@ def test_coco_keypoints_reader_on_real_mmpose_images(real):
     assert torch.allclose(target["boxes"][0], torch.tensor([x, y, x + w, y + h]))
     assert target["keypoints"].shape == (1, 17, 3)
     assert torch.equal(target["keypoints"][0].flatten(), torch.tensor(ann["keypoints"], dtype=torch.float32))
-    # Training drops persons without a labelled keypoint (two of the 14 have none).
+    # Training keeps the two people without a labelled keypoint as boxes (as detectron2 and
+    # torchvision's references do); their keypoints are all invisible, so the keypoint loss skips them.
     train = CocoDetection(base / "test_coco.json", base, keypoints=True, train=True)
-    assert sum(len(train[i][1]["labels"]) for i in range(len(train))) == 12
+    targets = [train[i][1] for i in range(len(train))]
+    assert sum(len(t["labels"]) for t in targets) == 14
+    assert sum(int((t["keypoints"][..., 2] > 0).any(-1).sum()) for t in targets) == 12
+
+
+def test_keypoint_training_skips_images_without_a_labelled_keypoint(tmp_path):
+    """detectron2's MIN_KEYPOINTS_PER_IMAGE = 1; evaluation still scores every image."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    images = []
+    for i in (1, 2):
+        Image.new("RGB", (40, 30)).save(tmp_path / "img" / f"{i}.jpg")
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 40, "height": 30})
+    kps = [0] * 51
+    labelled = list(kps)
+    labelled[0:3] = [10, 12, 2]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 20, 20], "area": 400, "iscrowd": 0,
+             "keypoints": kps, "num_keypoints": 0},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [2, 2, 20, 20], "area": 400, "iscrowd": 0,
+             "keypoints": labelled, "num_keypoints": 1},
+            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [25, 2, 10, 20], "area": 200, "iscrowd": 0,
+             "keypoints": kps, "num_keypoints": 0}]
+    cats = [{"id": 1, "name": "person", "supercategory": "person", "keypoints": [f"k{j}" for j in range(17)],
+             "skeleton": []}]
+    (tmp_path / "kp.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    train = CocoDetection(tmp_path / "kp.json", tmp_path / "img", keypoints=True, train=True)
+    assert train.image_ids == [2] and len(train[0][1]["boxes"]) == 2
+    assert CocoDetection(tmp_path / "kp.json", tmp_path / "img", keypoints=True).image_ids == [1, 2]
 
 
 def real_devkit(real, tmp_path, year="VOC2007", split="test"):

@@ -67,8 +67,10 @@ class CocoDetection(torch.utils.data.Dataset):
     """Images of a COCO split with box (and optionally keypoint) targets.
 
     train=True drops crowd regions and degenerate boxes from targets and skips images left with
-    no usable object (as detectron2 and torchvision's references do); train=False keeps every
-    image of the split, so that evaluation scores all of them.
+    no usable object (as detectron2 and torchvision's references do); with keypoints it also skips
+    images without a labelled keypoint (detectron2's MIN_KEYPOINTS_PER_IMAGE = 1), while people
+    without keypoints stay as box targets. train=False keeps every image of the split, so that
+    evaluation scores all of them.
     """
 
     def __init__(self, ann_file: str | Path, image_dir: str | Path, keypoints: bool = False, train: bool = False):
@@ -98,16 +100,14 @@ class CocoDetection(torch.utils.data.Dataset):
             anns = anns_by_image[img["id"]]
             if train:
                 anns = [a for a in anns if self._usable(a)]
-                if not anns:
+                if not anns or (keypoints and not any(a.get("num_keypoints", 0) > 0 for a in anns)):
                     continue
             self.images.append(img)
             self._anns.append(anns)
 
     def _usable(self, ann: dict) -> bool:
         w, h = ann["bbox"][2], ann["bbox"][3]
-        if ann.get("iscrowd", 0) or w <= 1 or h <= 1:
-            return False
-        return not self.keypoints or ann.get("num_keypoints", 0) > 0
+        return not ann.get("iscrowd", 0) and w > 1 and h > 1
 
     @property
     def image_ids(self) -> list:
