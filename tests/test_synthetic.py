@@ -140,7 +140,12 @@ def test_coco_keypoints(root):
 def test_figure_keypoints_are_anatomical():
     rng = np.random.default_rng(0)
     for _ in range(50):
-        _, k, labelled, pose = syn._figure(rng, 100.0, 100.0, 80.0)
+        _, marks, k, labelled, pose = syn._figure(rng, 100.0, 100.0, 80.0)
+        # face, hands and feet are drawn where their keypoints are (within a limb width)
+        centres = np.array([np.asarray(m).mean(0) for m in marks])
+        marked = [0] + [j for j in (1, 2, 3, 4) if labelled[j]] + [9, 10, 15, 16]
+        assert len(centres) == len(marked)
+        assert np.abs(centres - k[marked]).max() < 0.06 * 80.0
         head = k[:5][labelled[:5]]
         assert (head[:, 1] < k[5:7, 1].min()).all()  # face above the shoulders
         assert k[5:7, 1].max() < k[11:13, 1].min()  # shoulders above hips

@@ -280,7 +280,8 @@ SHAPES: dict[str, Callable[[np.random.Generator], list]] = {
 def _figure(rng: np.random.Generator, cx: float, cy: float, height: float):
     """An articulated stick figure (pelvis at cx, cy) in pixel coordinates.
 
-    Returns (polygons, keypoints (17, 2), labelled (17,) bool, pose) with pose one of Frontal/Left/Right
+    Returns (body polygons, mark polygons, keypoints (17, 2), labelled (17,) bool, pose) with pose one
+    of Frontal/Left/Right
     (VOC's sense: the way the figure faces).  In profile the far eye and ear are not labelled.
     """
     h = height
@@ -345,8 +346,17 @@ def _figure(rng: np.random.Generator, cx: float, cy: float, height: float):
         polys.append(_bar(*a, *b, lw))
     for p in kps[5:]:
         polys.append(_ell(p[0], p[1], lw / 2 + 0.3, lw / 2 + 0.3, n=10))
+    # the parts a keypoint annotator clicks on look like something, as in photographs: eyes, nose
+    # and ears on the head, hands at the wrists, feet at the ankles (painted in their own colour)
+    marks = [_ell(*kps[0], max(1.0, 0.14 * hr), max(1.0, 0.14 * hr), n=8)]
+    marks += [_ell(*kps[j], max(1.0, 0.13 * hr), max(1.0, 0.13 * hr), n=8) for j in (1, 2) if labelled[j]]
+    marks += [_ell(*kps[j], max(1.2, 0.2 * hr), max(1.5, 0.3 * hr), n=8) for j in (3, 4) if labelled[j]]
+    marks += [_ell(*kps[j], 0.8 * lw, 0.8 * lw, n=10) for j in (9, 10)]
+    for j, sgn in ((15, lr), (16, -lr)):
+        toe = float(facing) if facing else sgn
+        marks.append(_ell(kps[j][0] + toe * 0.5 * lw, kps[j][1], 1.1 * lw, 0.55 * lw, n=10))
     pose = "Frontal" if facing == 0 else ("Right" if facing > 0 else "Left")
-    return polys, kps, labelled, pose
+    return polys, marks, kps, labelled, pose
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -359,6 +369,7 @@ class Part:
     cy: float
     angle: float
     scale: float
+    texture: tuple[str, float] | None = None  # (kind, angle); None: the class's texture
 
 
 @dataclass
@@ -503,13 +514,13 @@ def _make_object(rng, cls: str, w: int, h: int, s: float, margin: int, crowd: bo
             ss = rng.uniform(4, 8)
             px, py = cx + rng.normal(0, 2.2 * ss), cy + rng.normal(0, 1.2 * ss)
             if cls == "person":
-                polys = _figure(rng, px, py, 2 * ss)[0]
-                parts.append(Part(polys, px, py, 0.0, ss))
+                body, marks = _figure(rng, px, py, 2 * ss)[:2]
+                parts.append(Part(body + marks, px, py, 0.0, ss))
             else:
                 parts.append(_shape_part(rng, cls, px, py, ss)[0])
     elif cls == "person":
-        polys, kps, labelled, pose = _figure(rng, cx, cy, 2 * s)
-        parts.append(Part(polys, cx, cy, 0.0, s))
+        body, marks, kps, labelled, pose = _figure(rng, cx, cy, 2 * s)
+        parts += [Part(body, cx, cy, 0.0, s), Part(marks, cx, cy, 0.0, s, texture=("plain", 0.0))]
         obj.keypoints, obj.labelled, obj.pose = kps, labelled, pose
     else:
         part, flip = _shape_part(rng, cls, cx, cy, s)
@@ -536,8 +547,12 @@ def _half_extent(rng: np.random.Generator, lo: float, side: int) -> float:
 
 def render_scene(rng: np.random.Generator, width: int, height: int, classes: tuple[str, ...],
                  n_objects: int, *, crowd: bool = False, checks: bool = True,
-                 min_half: float = 5.0, weights: np.ndarray | None = None) -> Scene:
+                 min_half: float = 5.0, weights: np.ndarray | None = None,
+                 half_range: tuple[float, float] | None = None) -> Scene:
     """Draw a scene with up to n_objects objects of the given classes (plus a crowd if asked).
+
+    Object half-sizes follow ``_half_extent`` (scenes as COCO's), or with ``half_range`` are
+    uniform in that range times the shorter side (object-centric photos, as ImageNet's or JFT's).
 
     With checks, a new object is rejected (and redrawn elsewhere) when it would leave an earlier
     object less than half visible or with a hole, or when its own mask has a hole (so COCO
@@ -554,7 +569,8 @@ def render_scene(rng: np.random.Generator, width: int, height: int, classes: tup
     objs = []
     for _ in range(n_objects):
         cls = str(rng.choice(classes, p=p))
-        s = _half_extent(rng, min_half, min(w, h))
+        s = (_half_extent(rng, min_half, min(w, h)) if half_range is None
+             else rng.uniform(*half_range) * min(w, h))
         objs.append((cls, False, max(s, 10.0) if cls == "person" else s))
     todo += sorted(objs, key=lambda t: -t[2])  # large objects behind small ones
     for cls, is_crowd, s in todo:
@@ -569,7 +585,7 @@ def render_scene(rng: np.random.Generator, width: int, height: int, classes: tup
             if checks and not _acceptable(scene, obj, new):
                 continue
             for part, pm in parts:
-                _paint(img, pm, part, *TEXTURE[cls], rng)
+                _paint(img, pm, part, *(part.texture or TEXTURE[cls]), rng)
             scene.objects.append(obj)
             inst = scene.inst = new
             break
@@ -961,6 +977,9 @@ def write_pretrain_synthetic(out: Path, size: int, label_noise: float, seed: int
                              image_size: int = 128) -> Path:
     """A multi-label pretraining set drawn from the same shape vocabulary as the downstream sets.
 
+    Images are object-centric (one or two objects of a fifth to nearly half the image's side, on the
+    downstream sets' cluttered backgrounds).
+
     Writes `out/images/%07d.jpg` and `out/manifest.jsonl` ({"path": relative path, "labels": [names]}
     per line).  Labels are the classes visible in an image; then round(label_noise * #labels) of
     them, chosen deterministically, are corrupted: dropped or swapped for a class the image lacks.
@@ -975,8 +994,9 @@ def write_pretrain_synthetic(out: Path, size: int, label_noise: float, seed: int
     paths: list[str] = []
     for i in range(size):
         rng = _rng(seed, "pretrain", i)
-        scene = render_scene(rng, image_size, image_size, VOC_CLASSES, int(rng.integers(1, 4)),
-                             checks=False, min_half=image_size / 12)
+        # object-centric, as the photos of ImageNet or JFT: one main object, sometimes a second
+        scene = render_scene(rng, image_size, image_size, VOC_CLASSES, 1 if rng.random() < 0.6 else 2,
+                             checks=False, half_range=(0.2, 0.45))
         rel = f"images/{i:07d}.jpg"
         _save_jpeg(scene.image, out / rel)
         paths.append(rel)
