@@ -368,3 +368,30 @@ def test_pretrain_resumes_to_the_same_weights(tmp_path, monkeypatch, kind):
         return [(r["iter"], r["loss"]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
 
     assert losses("a.run") == losses("b.run") and len(losses("a.run")) == 4
+
+
+def test_pretrain_under_torchrun_on_streamed_shards(tmp_path):
+    """Two gloo processes (DDP): each streams its own shards; rank 0 writes one loadable checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from harness.datasets.synthetic import write_pretrain_synthetic
+
+    manifest = write_pretrain_synthetic(tmp_path / "pre", size=16, label_noise=0.0, image_size=32)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    write_shards([(Path(r["path"]).stem, (tmp_path / "pre" / r["path"]).read_bytes(), "jpg", r["labels"]) for r in rows],
+                 str(tmp_path / "shards" / "p-%02d.tar"), 4)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    out = tmp_path / "ddp.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "harness",
+           "pretrain", "--data", str(tmp_path / "shards"), "--arch", "resnet18", "--out", str(out), "--iterations", "2",
+           "--batch-size", "4", "--image-size", "32", "--workers", "2", "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("resnet18 on 16 of 16 images") == 1  # printed by rank 0 only
+    record = read_sidecar(out)
+    assert record["training"]["world_size"] == 2 and record["training"]["per_process_batch"] == 2
+    assert record["settings"]["data"]["format"] == "wds" and load_backbone(str(out)).checkpoint["layout"] == "harness"
