@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_problem
 
 PROFILES = ("full", "short", "smoke")
 PROTOCOLS = ("finetune", "frozen")
@@ -143,9 +143,7 @@ def load_card(path: str | Path) -> TaskCard:
     try:
         return TaskCard.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise HarnessError(f"{path}: {where}: {first['msg']} ({exc.error_count()} problem(s))") from None
+        raise HarnessError(f"{path}: {first_problem(exc)} ({exc.error_count()} problem(s))") from None
 
 
 def task_card(name: str) -> TaskCard:

@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.cards import TaskCard, all_cards
-from harness.errors import HarnessError
+from harness.errors import HarnessError, field_path as _field, first_problem
 from harness.results import Result, mean_std, read_result
 
 SHA256 = r"^[0-9a-f]{64}$"
@@ -131,13 +131,6 @@ def slugify(name: str) -> str:
     if not slug:
         raise HarnessError(f"name {name!r} has no letters or digits to make a file name from")
     return slug
-
-
-def _field(loc) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(file)"
 
 
 def _one_line(text: str) -> str:
@@ -274,8 +267,7 @@ def load_reported(board: Path, cards: dict[str, TaskCard]) -> list[ReportedEntry
     except yaml.YAMLError as exc:
         raise HarnessError(f"{path}: not valid YAML ({exc})") from None
     except ValidationError as exc:
-        e = exc.errors()[0]
-        raise HarnessError(f"{path}: {_field(e['loc'])}: {e['msg']}") from None
+        raise HarnessError(f"{path}: {first_problem(exc)}") from None
     for i, entry in enumerate(reported):
         for j, r in enumerate(entry.results):
             if r.task not in cards:
@@ -359,8 +351,7 @@ def build_submission(results_path: str | Path, *, name: str, pretraining_data: s
             "submitted": (today or dt.date.today()).isoformat(), "paper": paper, "code": code,
         })
     except ValidationError as exc:
-        e = exc.errors()[0]
-        raise HarnessError(f"submission from {results_path}: {_field(e['loc'])}: {e['msg']}") from None
+        raise HarnessError(f"submission from {results_path}: {first_problem(exc)}") from None
 
 
 def submit(results_path, board: Path, *, force: bool = False, cards=None, **options) -> tuple[Path, list[Problem]]:
@@ -799,8 +790,7 @@ def make_reference(results_path: Path, sigmas: float = 3.0, floor: float = 0.2,
             "harness_version": ", ".join(sorted(versions)) or "unknown", "sigmas": sigmas, "floor": floor,
             "runs": runs})
     except ValidationError as exc:
-        e = exc.errors()[0]
-        raise HarnessError(f"reference from {results_path}: {_field(e['loc'])}: {e['msg']}") from None
+        raise HarnessError(f"reference from {results_path}: {first_problem(exc)}") from None
 
 
 def load_reference(path: Path) -> Reference:
@@ -809,8 +799,7 @@ def load_reference(path: Path) -> Reference:
     except FileNotFoundError:
         raise HarnessError(f"reference not found: {path}") from None
     except ValidationError as exc:
-        e = exc.errors()[0]
-        raise HarnessError(f"{path}: {_field(e['loc'])}: {e['msg']}") from None
+        raise HarnessError(f"{path}: {first_problem(exc)}") from None
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness import __version__
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_problem
 
 SCHEMA_VERSION = 1
 
@@ -93,8 +93,7 @@ def read_result(path: Path) -> Result:
     except FileNotFoundError:
         raise HarnessError(f"result not found: {path}") from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise HarnessError(f"{path}: not a harness result ({'.'.join(map(str, first['loc']))}: {first['msg']})") from None
+        raise HarnessError(f"{path}: not a harness result ({first_problem(exc)})") from None
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
