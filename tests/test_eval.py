@@ -81,6 +81,26 @@ def test_eval_coco_and_pose_on_synthetic(tiny_cards, synthetic_root, tmp_path):
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(coco["metrics"])
 
 
+def test_eval_under_torchrun_with_two_gloo_processes(tiny_cards, synthetic_root, tmp_path):
+    """DDP training, test set sharded over 2 ranks, one result scoring every image (SyncBatchNorm needs CUDA;
+    on the CPU the result says the statistics are per process)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_TASKS": str(tiny_cards)}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "harness",
+           "eval", "--backbone", "random:resnet18", "--tasks", "voc", "--protocols", "finetune", "--profile", "smoke",
+           "--data-root", str(synthetic_root), "--out", str(out), "--no-progress", "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("mAP@[.5,.95]") == 1  # the table is printed by rank 0 only
+    result = json.loads((out / "voc/finetune/seed0/result.json").read_text())
+    assert result["training"]["world_size"] == 2 and result["training"]["per_process_batch"] == 1
+    assert "BatchNorm statistics per process" in result["protocol_info"]["norm"]
+    n = len((synthetic_root / "VOCdevkit/VOC2007/ImageSets/Main/test.txt").read_text().split())
+    assert result["dataset"]["images_scored"] == n
+
+
 def test_eval_user_errors_are_one_line(tmp_path):
     missing = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--profile", "smoke",
                       "--data-root", tmp_path, "--out", tmp_path / "o", "--device", "cpu")
