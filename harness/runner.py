@@ -266,7 +266,7 @@ def resolve_data_root(plan: EvalPlan, env: DistEnv) -> Path:
 
 
 def run_eval(plan: EvalPlan) -> list[dict]:
-    """Run every (task, protocol, seed) of the plan; returns the aggregated rows (rank 0)."""
+    """Run every (task, protocol, seed) of the plan; returns the aggregated rows on rank 0, [] elsewhere."""
     cards = [task_card(t) for t in plan.tasks]
     for card in cards:
         card.profile(plan.profile)
@@ -288,7 +288,7 @@ def run_eval(plan: EvalPlan) -> list[dict]:
     if env.is_main:
         write_json_atomic(Path(plan.out) / "results.json", {"backbone": results[0].backbone.model_dump(mode="json"),
                                                             "synthetic": plan.synthetic, "runs": rows})
-    return rows
+    return rows if env.is_main else []
 
 
 def format_table(rows: list[dict]) -> str:
