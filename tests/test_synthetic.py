@@ -263,3 +263,29 @@ def test_pretrain_manifest_and_label_noise(tmp_path):
     assert again.read_bytes() == noisy.read_bytes()
     with pytest.raises(HarnessError):
         syn.write_pretrain_synthetic(tmp_path / "bad", size=5, label_noise=1.5)
+
+
+def test_pretrain_images_are_object_centric():
+    """Object-centric scenes (``half_range``) keep each object's centre in the middle of the image."""
+    centres = []
+    for i in range(40):
+        scene = syn.render_scene(np.random.default_rng(i), 64, 64, syn.VOC_CLASSES, 2, checks=False,
+                                 half_range=(0.2, 0.45))
+        for obj in scene.objects:
+            ys, xs = np.nonzero(obj.mask)
+            centres.append(((xs.min() + xs.max()) / 2 / 64, (ys.min() + ys.max()) / 2 / 64))
+    centres = np.array(centres)
+    assert len(centres) == 80 and (centres > 0.15).all() and (centres < 0.85).all()
+
+
+def test_pretrain_labels_name_objects_at_least_40_percent_visible(tmp_path):
+    manifest = syn.write_pretrain_synthetic(tmp_path / "pre", size=30, label_noise=0.0, seed=1, image_size=48)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        # the same scene again: write_pretrain_synthetic draws image i from the stream (seed, "pretrain", i)
+        rng = syn._rng(1, "pretrain", i)
+        scene = syn.render_scene(rng, 48, 48, syn.VOC_CLASSES, 1 if rng.random() < 0.6 else 2, checks=False,
+                                 half_range=(0.2, 0.45))
+        recognisable = {a.cls for a in syn.annotate(scene) if not a.difficult}
+        assert set(row["labels"]) == recognisable, row
+    assert sum(bool(r["labels"]) for r in rows) >= 25

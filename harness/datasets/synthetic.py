@@ -503,9 +503,13 @@ def _raster(polys: list, w: int, h: int, margin: int) -> np.ndarray:
     return np.asarray(canvas, bool)
 
 
-def _make_object(rng, cls: str, w: int, h: int, s: float, margin: int, crowd: bool):
-    """Draw one object (or a crowd of small ones) at a random place: (SceneObject, parts)."""
-    spread = 1.1 - 0.6 * min(1.0, s / (0.5 * min(w, h)))  # large objects stay nearer the middle
+def _make_object(rng, cls: str, w: int, h: int, s: float, margin: int, crowd: bool, spread: float | None = None):
+    """Draw one object (or a crowd of small ones) at a random place: (SceneObject, parts).
+
+    Its centre lies within ``spread`` times the image's size around the middle (by default large
+    objects stay nearer the middle)."""
+    if spread is None:
+        spread = 1.1 - 0.6 * min(1.0, s / (0.5 * min(w, h)))
     cx, cy = w * (0.5 + spread * rng.uniform(-0.5, 0.5)), h * (0.5 + spread * rng.uniform(-0.5, 0.5))
     obj = SceneObject(cls, None, 0, crowd=crowd)  # type: ignore[arg-type]
     parts: list[Part] = []
@@ -552,7 +556,8 @@ def render_scene(rng: np.random.Generator, width: int, height: int, classes: tup
     """Draw a scene with up to n_objects objects of the given classes (plus a crowd if asked).
 
     Object half-sizes follow ``_half_extent`` (scenes as COCO's), or with ``half_range`` are
-    uniform in that range times the shorter side (object-centric photos, as ImageNet's or JFT's).
+    uniform in that range times the shorter side, centred in the middle half of the image
+    (object-centric photos, as ImageNet's or JFT's).
 
     With checks, a new object is rejected (and redrawn elsewhere) when it would leave an earlier
     object less than half visible or with a hole, or when its own mask has a hole (so COCO
@@ -577,7 +582,7 @@ def render_scene(rng: np.random.Generator, width: int, height: int, classes: tup
         for attempt in range(12):
             if attempt >= 6:  # a large shape may keep a hole or cover too much: try it smaller
                 s = max(min_half, 0.85 * s)
-            obj, parts = _make_object(rng, cls, w, h, s, margin, is_crowd)
+            obj, parts = _make_object(rng, cls, w, h, s, margin, is_crowd, None if half_range is None else 0.5)
             if obj.mask.sum() < 12:
                 continue
             k = len(scene.objects) + 1
@@ -981,7 +986,7 @@ def write_pretrain_synthetic(out: Path, size: int, label_noise: float, seed: int
     downstream sets' cluttered backgrounds).
 
     Writes `out/images/%07d.jpg` and `out/manifest.jsonl` ({"path": relative path, "labels": [names]}
-    per line).  Labels are the classes visible in an image; then round(label_noise * #labels) of
+    per line).  Labels are the classes of the objects at least 40% visible in an image; then round(label_noise * #labels) of
     them, chosen deterministically, are corrupted: dropped or swapped for a class the image lacks.
     The images do not depend on label_noise.  Returns the manifest path.
     """
@@ -1000,7 +1005,8 @@ def write_pretrain_synthetic(out: Path, size: int, label_noise: float, seed: int
         rel = f"images/{i:07d}.jpg"
         _save_jpeg(scene.image, out / rel)
         paths.append(rel)
-        labels.append(sorted({a.cls for a in annotate(scene) if a.area >= 30}))
+        # the classes an annotator would tag: an object at least 40% visible, not a sliver (VOC's "difficult")
+        labels.append(sorted({a.cls for a in annotate(scene) if not a.difficult}))
     noise_rng = _rng(seed, "pretrain", "noise")
     slots = [(i, k) for i, ls in enumerate(labels) for k in range(len(ls))]
     n_bad = int(round(label_noise * len(slots)))
