@@ -140,8 +140,8 @@ def _pretrain_config(args: argparse.Namespace, out: str):
     return PretrainConfig(
         data=args.data, arch=args.arch, out=out, loss=args.loss, fraction=getattr(args, "fraction", 1.0),
         subset_seed=args.subset_seed, data_format=args.format, hierarchy=args.hierarchy, classes=args.classes,
-        epochs=args.epochs, iterations=args.iterations, batch_size=args.pretrain_batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, image_size=args.image_size,
+        epochs=args.epochs, iterations=args.iterations, batch_size=args.pretrain_batch_size,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, image_size=args.image_size,
         min_scale=args.min_scale, seed=args.pretrain_seed, workers=args.workers, checkpoint_period=args.checkpoint_period,
         device=args.device, progress=not args.no_progress, normalization=args.normalization,
     )
@@ -197,8 +197,10 @@ def _add_pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     sched.add_argument("--iterations", type=int, default=None, help="optimizer steps (same for every fraction)")
     g.add_argument(f"--{prefix}batch-size", dest="pretrain_batch_size", type=int, default=256,
                    help="total pretraining batch (default 256)")
-    g.add_argument("--lr", type=float, default=None, help="default 0.1 x batch / 256")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="SGD with momentum 0.9 (the paper's) or AdamW")
+    g.add_argument("--lr", type=float, default=None, help="default: sgd 0.1 x batch / 256, adamw 1e-3")
+    g.add_argument("--weight-decay", type=float, default=None, help="default: sgd 1e-4, adamw 0.05")
     g.add_argument("--warmup-iters", type=int, default=None, help="default 5%% of the iterations, at most 1000")
     g.add_argument("--image-size", type=int, default=224, help="training crop side")
     g.add_argument("--min-scale", type=float, default=0.35, help="smallest crop area of the random resized crop")

@@ -1,6 +1,6 @@
 """Training and prediction loops shared by every task.
 
-``train``: SGD with momentum, linear warmup + multi-step decay per iteration (detectron2's
+``train``: SGD with momentum (or AdamW, for pretraining), linear warmup + multi-step decay per iteration (detectron2's
 WarmupMultiStepLR), AMP on CUDA (bf16 where supported, else fp16 with a GradScaler; fp32 on the
 CPU), optional gradient clipping, a stop with ``HarnessError`` on a non-finite loss, periodic
 atomic checkpoints that a rerun resumes from (bit-identical to an uninterrupted run on the CPU),
@@ -42,6 +42,8 @@ from harness.protocols import is_norm
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+OPTIMIZERS = ("sgd", "adamw")
+
 # settings that do not change the trained weights; a resume may differ in them
 _NOT_FINGERPRINTED = ("checkpoint_period", "log_period", "num_workers")
 
@@ -54,7 +56,8 @@ class TrainConfig:
     iterations: int
     batch_size: int
     lr: float
-    momentum: float = 0.9
+    optimizer: str = "sgd"  # or "adamw" (betas 0.9, 0.999; decoupled weight decay)
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0  # detectron2's WEIGHT_DECAY_NORM
     warmup_iters: int = 1000
@@ -82,6 +85,8 @@ class TrainConfig:
             problems.append(f"batch_size={self.batch_size} (must be >= 1)")
         if not self.lr > 0:
             problems.append(f"lr={self.lr} (must be > 0)")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer={self.optimizer!r} ({' or '.join(OPTIMIZERS)})")
         if self.schedule not in ("multistep", "poly"):
             problems.append(f"schedule={self.schedule!r} (multistep or poly)")
         if list(self.steps) != sorted(self.steps):
@@ -155,6 +160,13 @@ def seed_everything(seed: int) -> None:
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Seed of one sample's augmentation: a function of (seed, epoch, dataset index) only."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over :func:`param_groups` (weight decay per group)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
+    return torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -335,7 +347,7 @@ def train(
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum)
+    optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

@@ -812,7 +812,8 @@ class PretrainModel(nn.Module):
 @dataclass
 class PretrainConfig:
     """One ``harness pretrain`` run. Either ``epochs`` (iterations = epochs × images / batch) or
-    ``iterations``; ``lr`` defaults to 0.1 × batch / 256."""
+    ``iterations``. SGD: ``lr`` defaults to 0.1 × batch / 256, weight decay to 1e-4; AdamW: 1e-3 and
+    0.05."""
 
     data: str
     arch: str
@@ -826,9 +827,10 @@ class PretrainConfig:
     epochs: float | None = None
     iterations: int | None = None
     batch_size: int = 256
+    optimizer: str = "sgd"  # or "adamw"
     lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd
+    weight_decay: float | None = None
     warmup_iters: int | None = None  # default: 5% of the iterations, at most 1000
     steps: tuple[float, ...] = (0.67, 0.89)  # lr x0.1 at these fractions of the schedule
     image_size: int = 224
@@ -877,11 +879,13 @@ def _schedule(cfg: PretrainConfig, images: int, world_size: int, num_workers: in
         if not cfg.epochs > 0:
             raise HarnessError(f"--epochs must be positive, got {cfg.epochs}")
         iterations = max(1, math.ceil(cfg.epochs * images / cfg.batch_size))
-    lr = cfg.lr if cfg.lr is not None else 0.1 * cfg.batch_size / 256
+    adamw = cfg.optimizer == "adamw"
+    lr = cfg.lr if cfg.lr is not None else (1e-3 if adamw else 0.1 * cfg.batch_size / 256)
+    weight_decay = cfg.weight_decay if cfg.weight_decay is not None else (0.05 if adamw else 1e-4)
     warmup = cfg.warmup_iters if cfg.warmup_iters is not None else min(1000, iterations // 20)
     steps = sorted({int(round(s * iterations)) for s in cfg.steps if 0 < s < 1})
-    return TrainConfig(iterations=iterations, batch_size=cfg.batch_size, lr=lr, momentum=cfg.momentum,
-                       weight_decay=cfg.weight_decay, warmup_iters=warmup, warmup_factor=0.1, steps=steps,
+    return TrainConfig(iterations=iterations, batch_size=cfg.batch_size, lr=lr, optimizer=cfg.optimizer,
+                       momentum=cfg.momentum, weight_decay=weight_decay, warmup_iters=warmup, warmup_factor=0.1, steps=steps,
                        seed=cfg.seed, checkpoint_period=cfg.checkpoint_period,
                        log_period=max(1, min(20, iterations // 10 or 1)), num_workers=num_workers)
 

@@ -100,6 +100,8 @@ def test_bad_config_is_a_user_error():
         TrainConfig(iterations=10, batch_size=2, lr=0.1, steps=(8, 4))
     with pytest.raises(HarnessError, match="iterations"):
         TrainConfig(iterations=0, batch_size=2, lr=0.1)
+    with pytest.raises(HarnessError, match="optimizer='adam' \\(sgd or adamw\\)"):
+        TrainConfig(iterations=5, batch_size=2, lr=0.1, optimizer="adam")
 
 
 # ----------------------------------------------------------------------------- loop behaviour

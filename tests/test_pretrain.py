@@ -340,8 +340,9 @@ def _interrupt_after(monkeypatch, calls: int):
     monkeypatch.setattr(PretrainAugment, "__call__", flaky)
 
 
-@pytest.mark.parametrize("kind", ["manifest", "wds"])
-def test_pretrain_resumes_to_the_same_weights(tmp_path, monkeypatch, kind):
+@pytest.mark.parametrize("kind,optimizer", [("manifest", "sgd"), ("wds", "sgd"), ("manifest", "adamw")])
+def test_pretrain_resumes_to_the_same_weights(tmp_path, monkeypatch, kind, optimizer):
+    """Killed mid-run, a rerun resumes from the last checkpoint (optimizer state included) to the same weights."""
     from harness.datasets.synthetic import write_pretrain_synthetic
 
     manifest = write_pretrain_synthetic(tmp_path / "pre", size=16, label_noise=0.0, image_size=40)
@@ -351,15 +352,17 @@ def test_pretrain_resumes_to_the_same_weights(tmp_path, monkeypatch, kind):
         records = [(Path(r["path"]).stem, (data / r["path"]).read_bytes(), "jpg", r["labels"]) for r in rows]
         data = tmp_path / "shards"
         write_shards(records, str(data / "p-%02d.tar"), 4)
-    straight = pretrain(_tiny_config(data, tmp_path / "a.safetensors"))
+    straight = pretrain(_tiny_config(data, tmp_path / "a.safetensors", optimizer=optimizer, lr=None))
     assert straight["training"]["start_iteration"] == 0
+    schedule = straight["settings"]["schedule"]
+    assert (schedule["optimizer"], schedule["lr"]) == (optimizer, 1e-3 if optimizer == "adamw" else 0.1 * 4 / 256)
 
     with monkeypatch.context() as m:
         _interrupt_after(m, 3 * 4)  # iterations 1-3 fetch 12 samples; the crash comes in iteration 4
         with pytest.raises(RuntimeError, match="simulated crash"):
-            pretrain(_tiny_config(data, tmp_path / "b.safetensors"))
+            pretrain(_tiny_config(data, tmp_path / "b.safetensors", optimizer=optimizer, lr=None))
     assert not (tmp_path / "b.safetensors").exists()
-    resumed = pretrain(_tiny_config(data, tmp_path / "b.safetensors"))
+    resumed = pretrain(_tiny_config(data, tmp_path / "b.safetensors", optimizer=optimizer, lr=None))
     assert resumed["training"]["start_iteration"] == 2  # the checkpoint of iteration 2
     a = load_backbone(str(tmp_path / "a.safetensors")).state_dict()
     b = load_backbone(str(tmp_path / "b.safetensors")).state_dict()
