@@ -141,7 +141,8 @@ def _pretrain_config(args: argparse.Namespace, out: str):
         data=args.data, arch=args.arch, out=out, loss=args.loss, fraction=getattr(args, "fraction", 1.0),
         subset_seed=args.subset_seed, data_format=args.format, hierarchy=args.hierarchy, classes=args.classes,
         epochs=args.epochs, iterations=args.iterations, batch_size=args.pretrain_batch_size,
-        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, image_size=args.image_size,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, warmup_iters=args.warmup_iters,
+        image_size=args.image_size,
         min_scale=args.min_scale, seed=args.pretrain_seed, workers=args.workers, checkpoint_period=args.checkpoint_period,
         device=args.device, progress=not args.no_progress, normalization=args.normalization,
     )

@@ -1,7 +1,7 @@
 """Training and prediction loops shared by every task.
 
-``train``: SGD with momentum (or AdamW, for pretraining), linear warmup + multi-step decay per iteration (detectron2's
-WarmupMultiStepLR), AMP on CUDA (bf16 where supported, else fp16 with a GradScaler; fp32 on the
+``train``: SGD with momentum (or AdamW, for pretraining), linear warmup + multi-step decay per
+iteration (detectron2's WarmupMultiStepLR), AMP on CUDA (bf16 where supported, else fp16 with a GradScaler; fp32 on the
 CPU), optional gradient clipping, a stop with ``HarnessError`` on a non-finite loss, periodic
 atomic checkpoints that a rerun resumes from (bit-identical to an uninterrupted run on the CPU),
 ``metrics.jsonl`` and a tqdm bar on rank 0. DDP when the world size is above 1.

@@ -986,8 +986,9 @@ def write_pretrain_synthetic(out: Path, size: int, label_noise: float, seed: int
     downstream sets' cluttered backgrounds).
 
     Writes `out/images/%07d.jpg` and `out/manifest.jsonl` ({"path": relative path, "labels": [names]}
-    per line).  Labels are the classes of the objects at least 40% visible in an image; then round(label_noise * #labels) of
-    them, chosen deterministically, are corrupted: dropped or swapped for a class the image lacks.
+    per line).  Labels are the classes of the objects at least 40% visible in an image; then
+    round(label_noise * #labels) of them, chosen deterministically, are corrupted: dropped or
+    swapped for a class the image lacks.
     The images do not depend on label_noise.  Returns the manifest path.
     """
     if size < 1 or not 0.0 <= label_noise <= 1.0:
