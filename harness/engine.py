@@ -208,20 +208,49 @@ def to_cpu(obj: Any) -> Any:
 
 
 class _TrainView(Dataset):
-    """The training set as seen in one epoch: items augmented with a per-(seed, epoch, index) RNG."""
+    """The training set as the schedule sees it: key ``(epoch, index)`` gives item ``index`` augmented
+    with a per-(seed, epoch, index) RNG, so every epoch draws fresh augmentations and a resumed run
+    draws the same ones."""
 
-    def __init__(self, dataset: Dataset, augment: Callable | None, seed: int, epoch: int):
-        self.dataset, self.augment, self.seed, self.epoch = dataset, augment, seed, epoch
+    def __init__(self, dataset: Dataset, augment: Callable | None, seed: int):
+        self.dataset, self.augment, self.seed = dataset, augment, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
         image, target = self.dataset[index]
         if self.augment is not None:
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
             image, target = self.augment(image, target, generator)
         return image, target
+
+
+class _ScheduleBatches:
+    """The batches of iterations ``start`` .. ``total`` across epochs, made lazily: epoch ``e`` is
+    ``sampler`` after ``set_epoch(e)`` cut into ``per_rank`` batches (a trailing part is dropped).
+    One DataLoader reads them all, so its workers keep prefetching across epoch boundaries."""
+
+    def __init__(self, sampler: DistributedSampler, per_rank: int, start: int, total: int):
+        self.sampler, self.per_rank, self.start, self.total = sampler, per_rank, start, total
+        self.per_epoch = len(sampler) // per_rank
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self):
+        it = self.start
+        epoch, offset = divmod(it, self.per_epoch)
+        while it < self.total:
+            self.sampler.set_epoch(epoch)
+            order = list(self.sampler)
+            for i in range(offset, self.per_epoch):
+                if it >= self.total:
+                    return
+                yield [(epoch, k) for k in order[i * self.per_rank : (i + 1) * self.per_rank]]
+                it += 1
+            epoch, offset = epoch + 1, 0
 
 
 class _Indexed(Dataset):
@@ -391,86 +420,80 @@ def train(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
     it = start
-    epoch, offset = divmod(start, batches_per_epoch)
+    loader = DataLoader(
+        _TrainView(dataset, augment, cfg.seed),
+        batch_sampler=_ScheduleBatches(sampler, per_rank, start, cfg.iterations),
+        collate_fn=collate_pairs,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # keeps the DataLoader off the global RNG
+    )
     began = tick = time.perf_counter()
     bar = tqdm(total=cfg.iterations, initial=start, desc=desc, disable=not (progress and env.is_main),
                dynamic_ncols=True, smoothing=0.05)
     log = open(metrics_path, "a", buffering=1) if env.is_main else None
     try:
-        while it < cfg.iterations:
-            sampler.set_epoch(epoch)
-            order = list(sampler)
-            batches = [order[i * per_rank : (i + 1) * per_rank] for i in range(offset, batches_per_epoch)]
-            loader = DataLoader(
-                _TrainView(dataset, augment, cfg.seed, epoch),
-                batch_sampler=batches[: cfg.iterations - it],
-                collate_fn=collate_pairs,
-                num_workers=cfg.num_workers,
-                pin_memory=device.type == "cuda",
-                generator=torch.Generator(),  # keeps the DataLoader off the global RNG
-            )
-            for images, targets in loader:
-                images = [im.to(device, non_blocking=True) for im in images]
-                targets = [to_device(t, device) for t in targets]
-                lr = optimizer.param_groups[0]["lr"]
-                with _autocast(device, amp_dtype):
-                    losses = net(images, targets)
-                loss = sum(losses.values())
-                stats = torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()])
-                values = all_reduce_mean(stats).tolist()  # every rank sees the same values: stop together
-                named = dict(zip(["loss", *losses.keys()], values))
-                bad = {k: v for k, v in named.items() if not math.isfinite(v)}
-                if bad:
-                    terms = ", ".join(f"{k}={v}" for k, v in bad.items())
-                    raise HarnessError(
-                        f"training diverged at iteration {it + 1}: non-finite loss ({terms}); no result written "
-                        "(lower the learning rate, set clip_grad_norm, or check the backbone checkpoint)"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.clip_grad_norm is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                it += 1
+        for images, targets in loader:
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = [to_device(t, device) for t in targets]
+            lr = optimizer.param_groups[0]["lr"]
+            with _autocast(device, amp_dtype):
+                losses = net(images, targets)
+            loss = sum(losses.values())
+            stats = torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()])
+            values = all_reduce_mean(stats).tolist()  # every rank sees the same values: stop together
+            named = dict(zip(["loss", *losses.keys()], values))
+            bad = {k: v for k, v in named.items() if not math.isfinite(v)}
+            if bad:
+                terms = ", ".join(f"{k}={v}" for k, v in bad.items())
+                raise HarnessError(
+                    f"training diverged at iteration {it + 1}: non-finite loss ({terms}); no result written "
+                    "(lower the learning rate, set clip_grad_norm, or check the backbone checkpoint)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            it += 1
 
-                now = time.perf_counter()
-                for k, v in named.items():
-                    window["sums"][k] = window["sums"].get(k, 0.0) + v
-                window["count"] += 1
-                window["time"] += now - tick
-                tick = now
-                result.final_losses = named
-                if it % cfg.log_period == 0 or it == cfg.iterations:
-                    n = window["count"]
-                    line = {"iter": it, **{k: s / n for k, s in window["sums"].items()}, "lr": lr,
-                            "time": window["time"] / n}
-                    if log is not None:
-                        log.write(json.dumps(line) + "\n")
-                    window = {"sums": {}, "count": 0, "time": 0.0}
-                bar.set_postfix(loss=f"{named['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update(1)
-                if it % cfg.checkpoint_period == 0 or it == cfg.iterations:
-                    rng = all_gather_object(_rng_state(device))
-                    if env.is_main:
-                        _atomic_save(
-                            {
-                                "model": model.state_dict(),
-                                "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(),
-                                "scaler": scaler.state_dict(),
-                                "iteration": it,
-                                "epoch": it // batches_per_epoch,
-                                "batch_in_epoch": it % batches_per_epoch,
-                                "rng": rng,
-                                "window": window,
-                                "config": fingerprint,
-                            },
-                            ckpt_path,
-                        )
-            epoch, offset = epoch + 1, 0
+            now = time.perf_counter()
+            for k, v in named.items():
+                window["sums"][k] = window["sums"].get(k, 0.0) + v
+            window["count"] += 1
+            window["time"] += now - tick
+            tick = now
+            result.final_losses = named
+            if it % cfg.log_period == 0 or it == cfg.iterations:
+                n = window["count"]
+                line = {"iter": it, **{k: s / n for k, s in window["sums"].items()}, "lr": lr,
+                        "time": window["time"] / n}
+                if log is not None:
+                    log.write(json.dumps(line) + "\n")
+                window = {"sums": {}, "count": 0, "time": 0.0}
+            bar.set_postfix(loss=f"{named['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            if it % cfg.checkpoint_period == 0 or it == cfg.iterations:
+                rng = all_gather_object(_rng_state(device))
+                if env.is_main:
+                    _atomic_save(
+                        {
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict(),
+                            "iteration": it,
+                            "epoch": it // batches_per_epoch,
+                            "batch_in_epoch": it % batches_per_epoch,
+                            "rng": rng,
+                            "window": window,
+                            "config": fingerprint,
+                        },
+                        ckpt_path,
+                    )
     finally:
         bar.close()
         if log is not None:

@@ -166,6 +166,39 @@ def test_data_order_and_augmentation_depend_only_on_seed_epoch_index(tmp_path):
     assert orders[0][1][0] == expected
 
 
+def test_epochs_follow_the_sampler_across_boundaries_with_or_without_workers(tmp_path):
+    """7 iterations of 2 over 5 images: epochs 0 to 3 of 2 batches each (one image left out of
+    each), each the sampler's own permutation; the workers' pipeline runs across epochs and
+    changes nothing."""
+    from torch.utils.data import DistributedSampler
+
+    seeds = []
+
+    def augment(image, target, generator):
+        seeds.append(generator.initial_seed())
+        return image, target
+
+    data = ToyData(5)
+    torch.manual_seed(0)
+    train(Toy(), data, _cfg(iterations=7, steps=(5,)), tmp_path / "w0", augment=augment, progress=False)
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
+    expected = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        expected += [(epoch, i) for i in list(sampler)[:4]]
+    expected = expected[:14]
+    assert data.seen == [i for _, i in expected]
+    assert seeds == [sample_seed(0, e, i) for e, i in expected]
+
+    with_workers = tmp_path / "w2"
+    torch.manual_seed(0)
+    train(Toy(), ToyData(5), _cfg(iterations=7, steps=(5,), num_workers=2), with_workers, augment=augment,
+          progress=False)
+    a = torch.load(tmp_path / "w0" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(with_workers / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_too_small_dataset_and_indivisible_batch(tmp_path):
     with pytest.raises(HarnessError, match="fewer than one batch"):
         train(Toy(), ToyData(1), _cfg(), tmp_path, progress=False)
