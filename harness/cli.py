@@ -40,7 +40,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         backbone=args.backbone, arch=args.arch, tasks=_csv(args.tasks), protocols=_csv(args.protocols),
         profile=args.profile, data_root=Path(args.data_root) if args.data_root else None, synthetic=args.synthetic,
         seeds=args.seeds, out=Path(args.out), device=args.device, batch_size=args.batch_size,
-        progress=not args.no_progress,
+        workers=args.workers, progress=not args.no_progress,
     )
     rows = run_eval(plan)
     if rows:  # rank 0
@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/default", help="run folder; finished runs in it are skipped")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=None, help="total batch; the learning rate scales linearly")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes per training process (default: 4 on CUDA, 0 on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
 

@@ -45,6 +45,7 @@ class EvalPlan:
     out: Path = Path("runs/default")
     device: str | None = None
     batch_size: int | None = None  # overrides the card's; lr scales linearly
+    workers: int | None = None  # data-loading processes per training process; None: 4 on CUDA, 0 on the CPU
     progress: bool = True
 
 
@@ -119,7 +120,8 @@ def model_settings(card: TaskCard, profile_name: str) -> tuple[dict, dict]:
     return detector, flip
 
 
-def train_config(card: TaskCard, profile_name: str, seed: int, batch_size: int | None) -> TrainConfig:
+def train_config(card: TaskCard, profile_name: str, seed: int, batch_size: int | None,
+                 workers: int = 0) -> TrainConfig:
     """The card's schedule; a different total batch scales the learning rate linearly."""
     p = card.profile(profile_name)
     batch = batch_size or p.batch_size
@@ -127,7 +129,7 @@ def train_config(card: TaskCard, profile_name: str, seed: int, batch_size: int |
         iterations=p.iterations, batch_size=batch, lr=p.lr * batch / p.batch_size, momentum=p.momentum,
         weight_decay=p.weight_decay, warmup_iters=p.warmup_iters, warmup_factor=p.warmup_factor,
         steps=p.steps, schedule=p.schedule, poly_power=p.poly_power, clip_grad_norm=p.clip_grad_norm,
-        seed=seed, checkpoint_period=p.checkpoint_period,
+        seed=seed, checkpoint_period=p.checkpoint_period, num_workers=workers,
     )
 
 
@@ -205,6 +207,14 @@ def _finished(path: Path, card: TaskCard, backbone: Backbone, profile: str) -> R
     return result
 
 
+def loader_workers(plan: EvalPlan, env: DistEnv) -> int:
+    """Data-loading worker processes per training process: ``plan.workers``, else 4 on CUDA (the GPU
+    must not wait for JPEG decoding) and 0 on the CPU (the model already uses every core)."""
+    if plan.workers is not None:
+        return plan.workers
+    return 4 if env.device.type == "cuda" else 0
+
+
 def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: Backbone, protocol: str,
             seed: int, synthetic: bool) -> Result:
     path = run_dir(plan.out, card.name, protocol, seed)
@@ -218,10 +228,11 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
     model_kwargs, aug_kwargs = model_settings(card, plan.profile)
     model = build_model(card.model.kind, backbone, **model_kwargs)
     info = apply_protocol(model, backbone, protocol, world_size=env.world_size, device=env.device)
-    cfg = train_config(card, plan.profile, seed, plan.batch_size)
+    workers = loader_workers(plan, env)
+    cfg = train_config(card, plan.profile, seed, plan.batch_size, workers)
     trained = train(model, data.train, cfg, path, augment=train_augment(card.model.kind, **aug_kwargs), env=env,
                     progress=plan.progress, desc=f"{card.name}/{protocol}/seed{seed}")
-    records = predict(model, data.test, env=env, postprocess=postprocess_for(card, data.test),
+    records = predict(model, data.test, env=env, postprocess=postprocess_for(card, data.test), num_workers=workers,
                       progress=plan.progress, desc=f"{card.name} predict")
     result = None
     if env.is_main:
@@ -238,7 +249,8 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
             metrics=metrics,
             training={"iterations": cfg.iterations, "batch_size": cfg.batch_size, "lr": cfg.lr,
                       "world_size": env.world_size, "device": str(env.device), "precision": trained.precision,
-                      "wall_time_s": trained.wall_time, "per_process_batch": trained.per_process_batch},
+                      "wall_time_s": trained.wall_time, "per_process_batch": trained.per_process_batch,
+                      "data_workers": workers},
             protocol_info=info.as_dict(),
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )
@@ -275,6 +287,8 @@ def run_eval(plan: EvalPlan) -> list[dict]:
                 raise HarnessError(f"task {card.name} has no protocol {protocol!r}")
     if plan.seeds < 1:
         raise HarnessError("--seeds must be at least 1")
+    if plan.workers is not None and plan.workers < 0:
+        raise HarnessError("--workers must be 0 or more")
     env = init_distributed(plan.device)
     base = load_backbone(plan.backbone, arch=plan.arch)
     root = resolve_data_root(plan, env)

@@ -101,6 +101,20 @@ def test_eval_under_torchrun_with_two_gloo_processes(tiny_cards, synthetic_root,
     assert result["dataset"]["images_scored"] == n
 
 
+def test_eval_with_data_loading_workers(tiny_cards, synthetic_root, tmp_path):
+    """Worker processes load and augment (resizes in a worker run on one thread, so images can
+    differ from the main process's in the last float bit: metrics are not compared bit for bit)."""
+    out = tmp_path / "w2"
+    done = harness("eval", "--backbone", "random:resnet18", "--tasks", "seg", "--protocols", "finetune",
+                   "--profile", "smoke", "--data-root", synthetic_root, "--out", out, "--no-progress",
+                   "--device", "cpu", "--workers", "2", env_extra={"HARNESS_TASKS": str(tiny_cards)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "seg" / "finetune" / "seed0" / "result.json").read_text())
+    assert result["training"]["data_workers"] == 2 and result["training"]["iterations"] == 3
+    n = len((synthetic_root / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_text().split())
+    assert result["dataset"]["images_scored"] == n
+
+
 def test_eval_user_errors_are_one_line(tmp_path):
     missing = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--profile", "smoke",
                       "--data-root", tmp_path, "--out", tmp_path / "o", "--device", "cpu")
@@ -115,3 +129,6 @@ def test_eval_user_errors_are_one_line(tmp_path):
     bad_ckpt.write_text("not a checkpoint")
     bad = harness("eval", "--backbone", bad_ckpt, "--arch", "resnet18", "--tasks", "voc", "--synthetic", "--out", tmp_path / "o")
     assert bad.returncode == 2 and str(bad_ckpt) in bad.stderr and "\n" not in bad.stderr.strip()
+    workers = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--synthetic", "--workers", "-1",
+                      "--out", tmp_path / "o")
+    assert workers.returncode == 2 and "--workers must be 0 or more" in workers.stderr
