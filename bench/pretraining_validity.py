@@ -1,7 +1,7 @@
 """Measurement validity on the CPU (issue 5, point 6): does `harness pretrain` help, and does more
 pretraining data help more?
 
-    python bench/pretraining_validity.py --out /tmp/validity          # about 30 min on 2 idle cores
+    python bench/pretraining_validity.py --out /tmp/validity          # about 55 min on 2 idle cores
 
 1. writes a multi-label pretraining set with `write_pretrain_synthetic` (same shape vocabulary as the
    synthetic downstream sets; label noise 0.1);
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--images", type=int, default=4000, help="pretraining images written")
     ap.add_argument("--label-noise", type=float, default=0.1)
-    ap.add_argument("--iterations", type=int, default=1500, help="pretraining iterations, the same at every fraction")
+    ap.add_argument("--iterations", type=int, default=3000, help="pretraining iterations, the same at every fraction")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--optimizer", default="adamw", choices=("sgd", "adamw"))
     ap.add_argument("--lr", type=float, default=0.002)
