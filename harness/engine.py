@@ -232,9 +232,8 @@ class _ScheduleBatches:
     ``sampler`` after ``set_epoch(e)`` cut into ``per_rank`` batches (a trailing part is dropped).
     One DataLoader reads them all, so its workers keep prefetching across epoch boundaries."""
 
-    def __init__(self, sampler: DistributedSampler, per_rank: int, start: int, total: int):
-        self.sampler, self.per_rank, self.start, self.total = sampler, per_rank, start, total
-        self.per_epoch = len(sampler) // per_rank
+    def __init__(self, sampler: DistributedSampler, per_rank: int, per_epoch: int, start: int, total: int):
+        self.sampler, self.per_rank, self.per_epoch, self.start, self.total = sampler, per_rank, per_epoch, start, total
 
     def __len__(self) -> int:
         return max(0, self.total - self.start)
@@ -422,7 +421,7 @@ def train(
     it = start
     loader = DataLoader(
         _TrainView(dataset, augment, cfg.seed),
-        batch_sampler=_ScheduleBatches(sampler, per_rank, start, cfg.iterations),
+        batch_sampler=_ScheduleBatches(sampler, per_rank, batches_per_epoch, start, cfg.iterations),
         collate_fn=collate_pairs,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
