@@ -98,6 +98,7 @@ class Profile(_Strict):
     representation_size: int = Field(default=1024, gt=0, description="box head FC width (FPN)")
     keypoint_head_layers: int = Field(default=8, gt=0)
     keypoint_head_channels: int = Field(default=512, gt=0)
+    keypoint_pool_size: int = Field(default=14, gt=1, description="keypoint RoIAlign size; heatmaps are 4x it")
     anchor_sizes: list[int] | None = Field(default=None, description="RPN anchor sizes (FPN: one per level p2..p6)")
     train_images: int | None = Field(default=None, gt=0, description="use only the first N training images (smoke)")
     checkpoint_period: int = Field(default=1000, gt=0)

@@ -113,7 +113,7 @@ def model_settings(card: TaskCard, profile_name: str) -> tuple[dict, dict]:
     flip = {"flip_prob": 0.5 if p.flip else 0.0}
     if kind == "keypoints":
         return {**sizes, "keypoint_head_layers": p.keypoint_head_layers,
-                "keypoint_head_channels": p.keypoint_head_channels}, flip
+                "keypoint_head_channels": p.keypoint_head_channels, "keypoint_pool_size": p.keypoint_pool_size}, flip
     detector = {"num_classes": card.dataset.num_classes, "head": head, "proposals_test": p.proposals_test, **sizes}
     if head == "c4":
         detector["c4_pool_size"] = p.c4_pool_size

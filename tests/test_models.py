@@ -227,21 +227,30 @@ def test_segmenter_uses_c4_without_a_res5_stage():
 
 
 # ----------------------------------------------------------------------------- keypoints
-def test_keypoint_model_losses_and_predictions():
+@pytest.mark.parametrize("pool", [14, 7])
+def test_keypoint_model_losses_and_predictions(pool):
     torch.manual_seed(0)
     model = build_keypoint_model(
         tiny_backbone(), min_size=64, max_size=96, test_min_size=64, fpn_channels=32, representation_size=64,
-        keypoint_head_channels=16, keypoint_head_layers=2, anchor_sizes=SMALL_ANCHORS,
+        keypoint_head_channels=16, keypoint_head_layers=2, anchor_sizes=SMALL_ANCHORS, keypoint_pool_size=pool,
     )
+    heatmaps = []
+    model.roi_heads.keypoint_predictor.register_forward_hook(lambda m, i, out: heatmaps.append(out.shape))
     images, targets = _batch(Shapes(2, kind="keypoints"))
     model.train()
     losses = model(images, targets)
     assert "loss_keypoint" in losses and all(torch.isfinite(v) for v in losses.values())
+    assert heatmaps[-1][1:] == (17, 4 * pool, 4 * pool)  # RoIAlign size x 2 (deconv) x 2 (upsampling)
     model.eval()
     with torch.no_grad():
         preds = model(images)
     assert {"boxes", "labels", "scores", "keypoints"} <= set(preds[0])
     assert preds[0]["keypoints"].shape[1:] == (17, 3)
+    for image, pred in zip(images, preds):  # keypoints are placed inside their box, in image pixels
+        boxes, kps = pred["boxes"], pred["keypoints"]
+        assert (kps[..., 0] >= boxes[:, None, 0] - 1).all() and (kps[..., 0] <= boxes[:, None, 2] + 1).all()
+        assert (kps[..., 1] >= boxes[:, None, 1] - 1).all() and (kps[..., 1] <= boxes[:, None, 3] + 1).all()
+        assert boxes.numel() == 0 or boxes[:, 2].max() <= image.shape[-1]
 
 
 # ----------------------------------------------------------------------------- augmentation

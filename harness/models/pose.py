@@ -41,16 +41,19 @@ def build_keypoint_model(
     representation_size: int = 1024,
     keypoint_head_channels: int = 512,
     keypoint_head_layers: int = 8,
+    keypoint_pool_size: int = 14,
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
     box_detections_per_img: int = 100,
     box_batch_size_per_image: int = 512,
 ) -> KeypointRCNN:
-    """Keypoint R-CNN (one object class, person): FPN neck as ``build_detector(head="fpn")``, 14x14
-    keypoint RoIAlign, ``keypoint_head_layers`` 3x3 convs of ``keypoint_head_channels`` (Mask R-CNN
-    paper: 8 x 512), deconv + 2x upsampling to 56x56 heatmaps. Defaults follow detectron2's
+    """Keypoint R-CNN (one object class, person): FPN neck as ``build_detector(head="fpn")``,
+    ``keypoint_pool_size`` RoIAlign (14), ``keypoint_head_layers`` 3x3 convs of ``keypoint_head_channels``
+    (Mask R-CNN paper: 8 x 512), deconv + 2x upsampling to heatmaps 4x the RoIAlign size (56x56). Defaults follow detectron2's
     keypoint_rcnn_R_50_FPN_1x (multi-scale 640-800 training, 800 test)."""
     if num_keypoints < 1:
         raise HarnessError(f"num_keypoints must be >= 1, got {num_keypoints}")
+    if keypoint_pool_size < 2:
+        raise HarnessError(f"keypoint_pool_size must be >= 2, got {keypoint_pool_size}")
     neck = FPNNeck(backbone, fpn_channels or 256)
     anchors, rpn_head = fpn_rpn(anchor_sizes, neck.out_channels)
     names = neck.featmap_names
@@ -64,7 +67,7 @@ def build_keypoint_model(
         box_predictor=_init_predictor(FastRCNNPredictor(representation_size, 2)),
         box_detections_per_img=box_detections_per_img,
         box_batch_size_per_image=box_batch_size_per_image,
-        keypoint_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
+        keypoint_roi_pool=MultiScaleRoIAlign(names, output_size=keypoint_pool_size, sampling_ratio=2),
         keypoint_head=KeypointRCNNHeads(neck.out_channels, (keypoint_head_channels,) * keypoint_head_layers),
         keypoint_predictor=KeypointRCNNPredictor(keypoint_head_channels, num_keypoints),
     )
