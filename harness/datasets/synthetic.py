@@ -89,8 +89,8 @@ VOC_SCENE_CLASSES = ("aeroplane", "bicycle", "bird", "bottle", "car", "chair", "
 # texture cue per class: shared by a few classes each, so it helps but does not decide
 TEXTURE = {c.name: (TEXTURES[i % 6], 45.0 * (i // 6)) for i, c in enumerate(VOCAB)}
 
-# coco_train 600: about 560 people with keypoints, which the pose smoke run needs (with 200 its
-# fine-tuned keypoint AP stayed at a mean pose's); training time does not grow with the image count
+# coco_train 600 gives the pose smoke run about 560 people with keypoints to learn from (200 gave
+# 180); training time does not grow with the image count, only generation (a few seconds)
 DEFAULT_SIZES = {
     "coco_train": 600, "coco_val": 50,
     "voc07_trainval": 200, "voc07_test": 100,

@@ -47,9 +47,10 @@ def build_keypoint_model(
     box_batch_size_per_image: int = 512,
 ) -> KeypointRCNN:
     """Keypoint R-CNN (one object class, person): FPN neck as ``build_detector(head="fpn")``,
-    ``keypoint_pool_size`` RoIAlign (14), ``keypoint_head_layers`` 3x3 convs of ``keypoint_head_channels``
-    (Mask R-CNN paper: 8 x 512), deconv + 2x upsampling to heatmaps 4x the RoIAlign size (56x56). Defaults follow detectron2's
-    keypoint_rcnn_R_50_FPN_1x (multi-scale 640-800 training, 800 test)."""
+    ``keypoint_pool_size`` RoIAlign (14), ``keypoint_head_layers`` 3x3 convs of
+    ``keypoint_head_channels`` (Mask R-CNN paper: 8 x 512), deconv + 2x upsampling to heatmaps 4x
+    the RoIAlign size (56x56). Defaults follow detectron2's keypoint_rcnn_R_50_FPN_1x (multi-scale
+    640-800 training, 800 test)."""
     if num_keypoints < 1:
         raise HarnessError(f"num_keypoints must be >= 1, got {num_keypoints}")
     if keypoint_pool_size < 2:
