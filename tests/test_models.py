@@ -250,7 +250,7 @@ def test_keypoint_model_losses_and_predictions(pool):
         boxes, kps = pred["boxes"], pred["keypoints"]
         assert (kps[..., 0] >= boxes[:, None, 0] - 1).all() and (kps[..., 0] <= boxes[:, None, 2] + 1).all()
         assert (kps[..., 1] >= boxes[:, None, 1] - 1).all() and (kps[..., 1] <= boxes[:, None, 3] + 1).all()
-        assert boxes.numel() == 0 or boxes[:, 2].max() <= image.shape[-1]
+        assert len(boxes) > 0 and boxes[:, 2].max() <= image.shape[-1]
 
 
 # ----------------------------------------------------------------------------- augmentation
