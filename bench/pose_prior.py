@@ -7,6 +7,14 @@ every non-crowd person box of the test split (score 1, the box itself as the det
 with the same pycocotools OKS evaluation as `harness eval`. A model whose keypoint AP is at this
 level has learnt where keypoints are on average, not where they are in the image; it had perfect
 boxes for free. Any COCO-layout root works (`--data` holds `coco/annotations` or `annotations`).
+
+    python bench/pose_prior.py --data runs/demo/synthetic-data --run runs/demo/pose/frozen/seed0
+
+With ``--run`` (a finished pose run: ``result.json`` and ``checkpoint.pt``; ``--data`` is then the
+harness data root it was evaluated on) the run's model is rebuilt from its card and checkpoint and
+scored three ways: as `harness eval` scores it, the mean pose drawn into its own boxes, and its
+keypoint head run on the true boxes. Whether a low keypoint AP comes from the person detector or
+from the keypoint head is then plain to see.
 """
 
 from __future__ import annotations
@@ -37,15 +45,77 @@ def mean_relative_pose(gt: dict) -> np.ndarray:
 
 
 def prior_predictions(gt: dict, pose: np.ndarray) -> list[dict]:
-    preds = []
-    for ann in gt["annotations"]:
-        if ann.get("iscrowd", 0):
-            continue
-        x, y, w, h = ann["bbox"]
+    """The mean pose in every non-crowd ground-truth box, score 1."""
+    boxes = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+             for a in gt["annotations"] if not a.get("iscrowd", 0)]
+    return _in_boxes(pose, boxes)
+
+
+def _in_boxes(pose: np.ndarray, boxes: list[dict]) -> list[dict]:
+    """The mean pose drawn into each box record (``bbox`` xywh), keeping its image, class and score."""
+    out = []
+    for b in boxes:
+        x, y, w, h = b["bbox"]
         points = np.column_stack([x + pose[:, 0] * w, y + pose[:, 1] * h, np.ones(len(pose))])
-        preds.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": [x, y, w, h],
-                      "keypoints": points.ravel().tolist(), "score": 1.0})
-    return preds
+        out.append({**b, "keypoints": points.ravel().tolist()})
+    return out
+
+
+def score_run(run: Path, data_root: Path, pose: np.ndarray) -> dict[str, dict]:
+    """Keypoint metrics of a finished pose run: its own predictions, the mean pose in its own boxes,
+    and its keypoint head on the ground-truth boxes."""
+    import torch
+    from torchvision.models.detection.roi_heads import keypointrcnn_inference
+
+    from harness.backbones import load_backbone
+    from harness.cards import task_card
+    from harness.engine import predict
+    from harness.metrics.coco import coco_keypoint_metrics
+    from harness.models import build_model
+    from harness.results import read_result
+    from harness.runner import model_settings, postprocess_for, task_data
+
+    result = read_result(run / "result.json")
+    card = task_card(result.task)
+    if card.model.kind != "keypoints":
+        raise SystemExit(f"error: {run} is a {result.task} run, not a keypoint one")
+    test = task_data(card, data_root, result.profile).test
+    model_kwargs, _ = model_settings(card, result.profile)
+    model = build_model("keypoints", load_backbone("random:" + result.backbone.arch), **model_kwargs)
+    model.load_state_dict(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
+    records = predict(model.eval(), test, postprocess=postprocess_for(card, test), progress=False)
+    own = [p for r in records for p in r["keypoints"]]
+    boxes = [b for r in records for b in r["boxes"]]
+    truth = []
+    with torch.inference_mode():
+        for i in range(len(test)):
+            image, target = test[i]
+            anns = [a for a in test.gt["annotations"] if a["image_id"] == target["image_id"] and not a.get("iscrowd", 0)]
+            if not anns:
+                continue
+            xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=torch.float32)
+            batch, resized = model.transform([image], [{"boxes": xyxy, "labels": torch.ones(len(anns), dtype=torch.int64)}])
+            features = model.backbone(batch.tensors)
+            heads = model.roi_heads
+            rois = [resized[0]["boxes"]]
+            logits = heads.keypoint_predictor(heads.keypoint_head(heads.keypoint_roi_pool(features, rois, batch.image_sizes)))
+            points, _ = keypointrcnn_inference(logits, rois)
+            back = model.transform.postprocess([{"boxes": rois[0], "keypoints": points[0]}], batch.image_sizes,
+                                               [tuple(image.shape[-2:])])[0]["keypoints"]
+            for ann, kps in zip(anns, back):
+                kps = kps.clone()
+                kps[:, 2] = 1
+                truth.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "score": 1.0,
+                              "keypoints": kps.ravel().tolist()})
+    return {
+        "its own boxes and keypoints (as harness eval)": coco_keypoint_metrics(test.gt, own, source=str(run)),
+        "the mean pose in its own boxes": coco_keypoint_metrics(test.gt, _in_boxes(pose, boxes), source="mean pose"),
+        "its keypoint head on the true boxes": coco_keypoint_metrics(test.gt, truth, source="true boxes"),
+    }
+
+
+def _line(metrics: dict) -> str:
+    return "  ".join(f"{k} {metrics[k]:.2f}" for k in ("AP", "AP50", "AP75", "AR", "AR50"))
 
 
 def main(argv=None) -> int:
@@ -53,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="runs/demo/synthetic-data", help="a COCO 2017 root (or a harness data root)")
     ap.add_argument("--train", default="person_keypoints_train2017.json")
     ap.add_argument("--test", default="person_keypoints_val2017.json")
+    ap.add_argument("--run", type=Path, help="a finished pose run folder (result.json, checkpoint.pt) to score too")
     args = ap.parse_args(argv)
     from harness.metrics.coco import coco_keypoint_metrics
 
@@ -66,7 +137,10 @@ def main(argv=None) -> int:
     scored = sum(1 for a in test["annotations"] if a.get("num_keypoints", 0) > 0 and not a.get("iscrowd", 0)
                  and a["area"] >= 32 ** 2)
     print(f"mean pose in ground-truth boxes, {ann_dir / args.test}: {scored} people scored (area >= 32^2)")
-    print("  " + "  ".join(f"{k} {metrics[k]:.2f}" for k in ("AP", "AP50", "AP75", "AR", "AR50")))
+    print("  " + _line(metrics))
+    if args.run:
+        for name, run_metrics in score_run(args.run, root, mean_relative_pose(train)).items():
+            print(f"{args.run}, {name}:\n  {_line(run_metrics)}")
     return 0
 
 

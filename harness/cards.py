@@ -99,6 +99,8 @@ class Profile(_Strict):
     keypoint_head_layers: int = Field(default=8, gt=0)
     keypoint_head_channels: int = Field(default=512, gt=0)
     keypoint_pool_size: int = Field(default=14, gt=1, description="keypoint RoIAlign size; heatmaps are 4x it")
+    head_norm: Literal["none", "gn"] = Field(
+        default="none", description="GroupNorm in the FPN and keypoint-head convs (gn) or none (detectron2's default)")
     anchor_sizes: list[int] | None = Field(default=None, description="RPN anchor sizes (FPN: one per level p2..p6)")
     train_images: int | None = Field(default=None, gt=0, description="use only the first N training images (smoke)")
     checkpoint_period: int = Field(default=1000, gt=0)

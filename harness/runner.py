@@ -110,6 +110,7 @@ def model_settings(card: TaskCard, profile_name: str) -> tuple[dict, dict]:
         sizes["anchor_sizes"] = list(p.anchor_sizes)
     sizes["box_batch_size_per_image"] = p.roi_batch_per_image
     sizes["representation_size"] = p.representation_size
+    sizes["head_norm"] = p.head_norm
     flip = {"flip_prob": 0.5 if p.flip else 0.0}
     if kind == "keypoints":
         return {**sizes, "keypoint_head_layers": p.keypoint_head_layers,

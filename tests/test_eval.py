@@ -79,6 +79,16 @@ def test_eval_coco_and_pose_on_synthetic(tiny_cards, synthetic_root, tmp_path):
     assert pose["dataset"]["images_scored"] == len(gt["images"])
     coco = json.loads((out / "coco/frozen/seed0/result.json").read_text())
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(coco["metrics"])
+    # the pose yardstick rebuilds the run's model from its card and checkpoint and re-scores it
+    bench = Path(__file__).resolve().parents[1] / "bench" / "pose_prior.py"
+    yardstick = subprocess.run([sys.executable, str(bench), "--data", str(synthetic_root), "--run", str(out / "pose/frozen/seed0")],
+                               capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "OMP_NUM_THREADS": "2", "HARNESS_TASKS": str(tiny_cards)})
+    assert yardstick.returncode == 0, yardstick.stderr[-3000:]
+    lines = yardstick.stdout.splitlines()
+    own = lines[lines.index(f"{out / 'pose/frozen/seed0'}, its own boxes and keypoints (as harness eval):") + 1]
+    assert own.split()[:2] == ["AP", f"{pose['metrics']['AP']:.2f}"]
+    assert any(line.endswith("its keypoint head on the true boxes:") for line in lines)
 
 
 def test_eval_under_torchrun_with_two_gloo_processes(tiny_cards, synthetic_root, tmp_path):

@@ -253,6 +253,43 @@ def test_keypoint_model_losses_and_predictions(pool):
         assert len(boxes) > 0 and boxes[:, 2].max() <= image.shape[-1]
 
 
+def test_head_norm_gn_makes_the_neck_and_keypoint_head_scale_invariant():
+    torch.manual_seed(0)
+    backbone = tiny_backbone().eval()
+    model = build_keypoint_model(
+        backbone, min_size=64, max_size=96, test_min_size=64, fpn_channels=32, representation_size=64,
+        keypoint_head_channels=32, keypoint_head_layers=2, anchor_sizes=SMALL_ANCHORS, head_norm="gn",
+    )
+    head = model.roi_heads.keypoint_head
+    assert [m.num_groups for m in model.backbone.fpn.modules() if isinstance(m, nn.GroupNorm)] == [32] * 8
+    assert [m.num_groups for m in head.modules() if isinstance(m, nn.GroupNorm)] == [32] * 2
+    assert all(m.bias is None for m in head.modules() if isinstance(m, nn.Conv2d))
+    # what GN buys a frozen backbone: the pyramid and heatmaps ignore the scale of its features
+    feats = backbone(torch.rand(1, 3, 64, 64))
+    outputs = []
+    for scale in (1.0, 10.0):
+        pyramid = model.backbone.fpn(OrderedDict(("p" + k[1:], v * scale) for k, v in feats.items()))
+        outputs.append((pyramid["p2"], head(pyramid["p2"][:, :, :8, :8])))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    plain = tiny_detector(backbone).backbone.fpn
+    low, high = (plain(OrderedDict(("p" + k[1:], v * s) for k, v in feats.items()))["p2"] for s in (1.0, 10.0))
+    assert not torch.allclose(low, high, rtol=1e-2)
+    images, targets = _batch(Shapes(2, kind="keypoints"))
+    model.train()
+    assert all(torch.isfinite(v) for v in model(images, targets).values())
+
+
+def test_head_norm_errors():
+    with pytest.raises(HarnessError, match="head_norm must be one of none, gn"):
+        tiny_detector(head_norm="bn")
+    with pytest.raises(HarnessError, match="divisible by 32, got 16"):
+        tiny_detector(fpn_channels=16, head_norm="gn")
+    with pytest.raises(HarnessError, match="C4 model has no FPN"):
+        tiny_detector(head="c4", head_norm="gn")
+    assert sum(isinstance(m, nn.GroupNorm) for m in tiny_detector(head_norm="gn").modules()) == 8
+
+
 # ----------------------------------------------------------------------------- augmentation
 def test_detection_flip_mirrors_boxes_and_drops_crowds():
     image = torch.zeros(3, 10, 20)

@@ -29,6 +29,8 @@ from harness.errors import HarnessError
 FPN_LEVELS = ("c2", "c3", "c4", "c5")
 DEFAULT_ANCHOR_SIZES = (32, 64, 128, 256, 512)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
+HEAD_NORMS = ("none", "gn")
+GN_GROUPS = 32  # detectron2's GroupNorm (Wu & He, ECCV 2018)
 
 
 # ----------------------------------------------------------------------------- backbone access
@@ -68,6 +70,22 @@ def skip_stage(parent: nn.Module, attr: str):
 
 
 # ----------------------------------------------------------------------------- shared pieces
+def head_norm_layer(norm: str) -> Callable[[int], nn.Module] | None:
+    """Normalisation of the new conv layers (FPN, keypoint head): ``"none"`` (detectron2's default)
+    → None; ``"gn"`` → a ``GroupNorm(32, channels)`` factory (detectron2's GN configs)."""
+    if norm not in HEAD_NORMS:
+        raise HarnessError(f"head_norm must be one of {', '.join(HEAD_NORMS)}, got {norm!r}")
+    if norm == "none":
+        return None
+
+    def group_norm(channels: int) -> nn.Module:
+        if channels % GN_GROUPS:
+            raise HarnessError(f"head_norm gn needs channel counts divisible by {GN_GROUPS}, got {channels}")
+        return nn.GroupNorm(GN_GROUPS, channels)
+
+    return group_norm
+
+
 class RCNNTransform(GeneralizedRCNNTransform):
     """Resize only (mean 0, std 1: the backbone normalizes). Training draws the short side from
     ``train_sizes`` (multi-scale); evaluation uses ``test_size``. Long side capped at ``max_size``."""
@@ -88,9 +106,11 @@ def make_transform(min_size: int | Sequence[int], max_size: int, test_min_size: 
 
 
 class FPNNeck(nn.Module):
-    """Backbone + torchvision FeaturePyramidNetwork: ``c2..c5`` → ``p2..p5`` + ``pool`` (stride 64)."""
+    """Backbone + torchvision FeaturePyramidNetwork: ``c2..c5`` → ``p2..p5`` + ``pool`` (stride 64).
+    ``norm``: see :func:`head_norm_layer` (after each lateral and output conv)."""
 
-    def __init__(self, backbone: nn.Module, out_channels: int = 256, levels: Sequence[str] = FPN_LEVELS):
+    def __init__(self, backbone: nn.Module, out_channels: int = 256, levels: Sequence[str] = FPN_LEVELS,
+                 norm: str = "none"):
         super().__init__()
         info = feature_channels(backbone)
         missing = [n for n in levels if n not in info]
@@ -98,7 +118,8 @@ class FPNNeck(nn.Module):
             raise HarnessError(f"backbone gives no {missing} features; FPN needs {list(levels)}")
         self.body = backbone
         self.levels = tuple(levels)
-        self.fpn = FeaturePyramidNetwork([info[n][0] for n in levels], out_channels, extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork([info[n][0] for n in levels], out_channels, extra_blocks=LastLevelMaxPool(),
+                                         norm_layer=head_norm_layer(norm))
         self.out_channels = out_channels
 
     @property
@@ -169,6 +190,7 @@ def build_detector(
     box_score_thresh: float = 0.05,
     proposals_test: int = 1000,
     c4_pool_size: int = 14,
+    head_norm: str = "none",
 ) -> FasterRCNN:
     """Faster R-CNN for ``num_classes`` object classes (plus background).
 
@@ -179,9 +201,11 @@ def build_detector(
     ``min_size`` may be a list: training draws a short side from it; eval uses ``test_min_size``
     (default: its largest). ``proposals_test``: RPN proposals kept per image at test time
     (detectron2: 1000). ``c4_pool_size``: the C4 head's RoIAlign size (detectron2: 14; res5 halves it).
+    ``head_norm``: ``"gn"`` puts GroupNorm in the FPN (FPN head only; see :func:`head_norm_layer`).
     """
     if num_classes < 1:
         raise HarnessError(f"num_classes must be >= 1, got {num_classes}")
+    head_norm_layer(head_norm)  # a bad name fails before any model is built
     transform = make_transform(min_size, max_size, test_min_size)
     common = dict(
         box_detections_per_img=box_detections_per_img,
@@ -191,7 +215,7 @@ def build_detector(
         rpn_post_nms_top_n_test=proposals_test,
     )
     if head == "fpn":
-        neck = FPNNeck(backbone, fpn_channels or 256)
+        neck = FPNNeck(backbone, fpn_channels or 256, norm=head_norm)
         anchors, rpn_head = fpn_rpn(anchor_sizes, neck.out_channels)
         model = FasterRCNN(
             neck,
@@ -203,6 +227,8 @@ def build_detector(
             **common,
         )
     elif head == "c4":
+        if head_norm != "none":
+            raise HarnessError(f"head_norm {head_norm} applies to the FPN head; the C4 model has no FPN")
         res5_path = find_stage(backbone, "layer4")
         info = feature_channels(backbone)
         if res5_path is None or "c4" not in info or "c5" not in info:

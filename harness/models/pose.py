@@ -23,12 +23,27 @@ from harness.models.detection import (
     _init_predictor,
     clean_detection_target,
     fpn_rpn,
+    head_norm_layer,
     hflip_detection,
     make_transform,
 )
 
 # COCO order: nose, eyes (l, r), ears (l, r), shoulders, elbows, wrists, hips, knees, ankles.
 COCO_KEYPOINT_FLIP = (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15)
+
+
+class NormKeypointHead(nn.Sequential):
+    """torchvision's KeypointRCNNHeads with a normalisation after each conv (which then has no bias)."""
+
+    def __init__(self, in_channels: int, channels: int, layers: int, norm_layer: Callable[[int], nn.Module]):
+        modules = []
+        for i in range(layers):
+            modules += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=False),
+                        norm_layer(channels), nn.ReLU(inplace=True)]
+        super().__init__(*modules)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
 def build_keypoint_model(
@@ -45,17 +60,24 @@ def build_keypoint_model(
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
     box_detections_per_img: int = 100,
     box_batch_size_per_image: int = 512,
+    head_norm: str = "none",
 ) -> KeypointRCNN:
     """Keypoint R-CNN (one object class, person): FPN neck as ``build_detector(head="fpn")``,
     ``keypoint_pool_size`` RoIAlign (14), ``keypoint_head_layers`` 3x3 convs of
     ``keypoint_head_channels`` (Mask R-CNN paper: 8 x 512), deconv + 2x upsampling to heatmaps 4x
     the RoIAlign size (56x56). Defaults follow detectron2's keypoint_rcnn_R_50_FPN_1x (multi-scale
-    640-800 training, 800 test)."""
+    640-800 training, 800 test). ``head_norm`` ``"gn"``: GroupNorm in the FPN and after each
+    keypoint-head conv (detectron2's GN configs; MoCo normalises its new layers too)."""
     if num_keypoints < 1:
         raise HarnessError(f"num_keypoints must be >= 1, got {num_keypoints}")
     if keypoint_pool_size < 2:
         raise HarnessError(f"keypoint_pool_size must be >= 2, got {keypoint_pool_size}")
-    neck = FPNNeck(backbone, fpn_channels or 256)
+    norm_layer = head_norm_layer(head_norm)
+    neck = FPNNeck(backbone, fpn_channels or 256, norm=head_norm)
+    if norm_layer is None:
+        keypoint_head = KeypointRCNNHeads(neck.out_channels, (keypoint_head_channels,) * keypoint_head_layers)
+    else:
+        keypoint_head = NormKeypointHead(neck.out_channels, keypoint_head_channels, keypoint_head_layers, norm_layer)
     anchors, rpn_head = fpn_rpn(anchor_sizes, neck.out_channels)
     names = neck.featmap_names
     model = KeypointRCNN(
@@ -69,7 +91,7 @@ def build_keypoint_model(
         box_detections_per_img=box_detections_per_img,
         box_batch_size_per_image=box_batch_size_per_image,
         keypoint_roi_pool=MultiScaleRoIAlign(names, output_size=keypoint_pool_size, sampling_ratio=2),
-        keypoint_head=KeypointRCNNHeads(neck.out_channels, (keypoint_head_channels,) * keypoint_head_layers),
+        keypoint_head=keypoint_head,
         keypoint_predictor=KeypointRCNNPredictor(keypoint_head_channels, num_keypoints),
     )
     model.transform = make_transform(min_size, max_size, test_min_size)
