@@ -61,9 +61,10 @@ def _in_boxes(pose: np.ndarray, boxes: list[dict]) -> list[dict]:
     return out
 
 
-def score_run(run: Path, data_root: Path, pose: np.ndarray) -> dict[str, dict]:
+def score_run(run: Path, data_root: Path, pose: np.ndarray, backbone: str | None = None) -> dict[str, dict]:
     """Keypoint metrics of a finished pose run: its own predictions, the mean pose in its own boxes,
-    and its keypoint head on the ground-truth boxes."""
+    and its keypoint head on the ground-truth boxes. ``backbone``: the ``--backbone`` the run was
+    given (needed for a checkpoint file, whose build options the result does not record)."""
     import torch
     from torchvision.models.detection.roi_heads import keypointrcnn_inference
 
@@ -79,10 +80,17 @@ def score_run(run: Path, data_root: Path, pose: np.ndarray) -> dict[str, dict]:
     card = task_card(result.task)
     if card.model.kind != "keypoints":
         raise SystemExit(f"error: {run} is a {result.task} run, not a keypoint one")
+    if card.card_hash != result.card_hash:
+        raise SystemExit(f"error: {run} was made with another {result.task} card than tasks/{result.task}.yaml")
+    if backbone is None and result.backbone.layout != "random":
+        raise SystemExit(f"error: {run} used the checkpoint {result.backbone.name}: pass it as --backbone")
+    base = load_backbone(backbone or result.backbone.name, arch=result.backbone.arch)
+    if (base.arch, base.checkpoint["sha256"]) != (result.backbone.arch, result.backbone.sha256):
+        raise SystemExit(f"error: --backbone is not the backbone of {run} ({result.backbone.arch}, {result.backbone.sha256})")
     test = task_data(card, data_root, result.profile).test
     model_kwargs, _ = model_settings(card, result.profile)
-    model = build_model("keypoints", load_backbone("random:" + result.backbone.arch), **model_kwargs)
-    model.load_state_dict(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
+    model = build_model("keypoints", base, **model_kwargs)
+    model.load_state_dict(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["model"])
     records = predict(model.eval(), test, postprocess=postprocess_for(card, test), progress=False)
     own = [p for r in records for p in r["keypoints"]]
     boxes = [b for r in records for b in r["boxes"]]
@@ -124,6 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train", default="person_keypoints_train2017.json")
     ap.add_argument("--test", default="person_keypoints_val2017.json")
     ap.add_argument("--run", type=Path, help="a finished pose run folder (result.json, checkpoint.pt) to score too")
+    ap.add_argument("--backbone", help="with --run: the checkpoint the run's --backbone named (random:<arch> runs need none)")
     args = ap.parse_args(argv)
     from harness.metrics.coco import coco_keypoint_metrics
 
@@ -139,7 +148,7 @@ def main(argv=None) -> int:
     print(f"mean pose in ground-truth boxes, {ann_dir / args.test}: {scored} people scored (area >= 32^2)")
     print("  " + _line(metrics))
     if args.run:
-        for name, run_metrics in score_run(args.run, root, mean_relative_pose(train)).items():
+        for name, run_metrics in score_run(args.run, root, mean_relative_pose(train), args.backbone).items():
             print(f"{args.run}, {name}:\n  {_line(run_metrics)}")
     return 0
 

@@ -504,6 +504,7 @@ def _reject_opts(arch: str, opts: dict, allowed: set) -> None:
 
 
 # ----------------------------------------------------------------------------- load / save
+RANDOM_INIT_SEED = 0  # random:<arch> is the architecture's initialisation drawn with this torch seed
 def load_backbone(path_or_spec, arch: str | None = None, **opts) -> Backbone:
     """Backbone from a checkpoint file (any layout ``harness inspect`` knows) or ``random:<arch>``.
 
@@ -523,7 +524,9 @@ def load_backbone(path_or_spec, arch: str | None = None, **opts) -> Backbone:
             raise HarnessError(f"spec {spec!r} names {name} but arch={arch!r} was asked")
         normalization = opts.pop("normalization", None)
         build_opts = {k: opts[k] for k in ("img_size", "stride_in_1x1", "reg_tokens", "num_heads") if opts.get(k)}
-        bb = build_backbone(name, normalization=normalization, **build_opts)
+        with torch.random.fork_rng(devices=[]):  # the same weights on every rank and every rerun
+            torch.manual_seed(RANDOM_INIT_SEED)
+            bb = build_backbone(name, normalization=normalization, **build_opts)
         bb.checkpoint = {"path": None, "sha256": None, "layout": "random"}
         return bb
     from harness.checkpoints import load_checkpoint_into_backbone

@@ -40,6 +40,9 @@ def cards_dir() -> Path:
     raise HarnessError(f"no task cards found (looked in {here.parent / 'tasks'} and {here / 'task_cards'})")
 
 
+GN_GROUPS = 32  # groups of head_norm gn: GroupNorm's default (Wu & He, ECCV 2018), as detectron2
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -121,6 +124,21 @@ class TaskCard(_Strict):
     metric: MetricSpec
     protocols: list[Literal["finetune", "frozen"]]
     profiles: dict[Literal["full", "short", "smoke"], Profile]
+
+    @model_validator(mode="after")
+    def _head_norm_fits(self):
+        for name, p in self.profiles.items():
+            if p.head_norm == "none":
+                continue
+            if self.model.head != "fpn":
+                raise ValueError(f"profile {name}: head_norm {p.head_norm} needs an FPN head, not {self.model.head}")
+            widths = {"neck_channels": p.neck_channels}
+            if self.model.kind == "keypoints":
+                widths["keypoint_head_channels"] = p.keypoint_head_channels
+            for key, width in widths.items():
+                if width % GN_GROUPS:
+                    raise ValueError(f"profile {name}: head_norm gn needs {key} divisible by {GN_GROUPS}, got {width}")
+        return self
 
     def profile(self, name: str) -> Profile:
         if name not in self.profiles:

@@ -295,10 +295,19 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def native_bf16() -> bool:
+    """True when the CUDA device computes in bf16 natively (Ampere and later); older GPUs only
+    emulate it, slowly, so they get fp16 with a gradient scaler instead."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 has no emulation and no argument
+        return torch.cuda.is_bf16_supported()
+
+
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if not cfg.amp or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if native_bf16() else torch.float16
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -348,13 +357,15 @@ def train(
     env: DistEnv | None = None,
     progress: bool = True,
     desc: str = "train",
+    identity: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` (in place; call ``apply_protocol`` first) on ``dataset`` for ``cfg.iterations``.
 
     ``dataset[i]`` is ``(image, target)``; ``augment(image, target, generator)`` runs per sample.
     ``out_dir/checkpoint.pt`` is written every ``checkpoint_period`` iterations and at the end; if it
     exists when ``train`` starts, training resumes from it (or returns at once when it is complete).
-    A checkpoint made under other settings (schedule, seed, world size, dataset size) is refused.
+    A checkpoint made under other settings (schedule, seed, world size, dataset size, and what
+    ``identity`` names: the runner passes task card, protocol, profile and backbone) is refused.
     """
     env = env or current_env()
     device = env.device
@@ -379,7 +390,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    fingerprint = _fingerprint(cfg, world, len(dataset))
+    fingerprint = {**_fingerprint(cfg, world, len(dataset)), **(identity or {})}
 
     start, window = 0, {"sums": {}, "count": 0, "time": 0.0}
     seen = all_gather_object(ckpt_path.exists())
@@ -392,7 +403,10 @@ def train(
         if diff:
             shown = ", ".join(f"{k}: {state['config'].get(k)} -> {fingerprint.get(k)}" for k in diff)
             raise HarnessError(f"{ckpt_path} comes from a run with other settings ({shown}); use another output directory or delete it")
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:
+            raise HarnessError(f"{ckpt_path} holds another model's weights; use another output directory or delete it") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -539,9 +553,9 @@ def predict(
     model.to(env.device).eval()
     indices = shard_indices(len(dataset), env.rank, env.world_size)
     loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_collate_indexed)
+                        num_workers=num_workers, collate_fn=_collate_indexed, pin_memory=env.device.type == "cuda")
     records = []
-    amp_dtype = torch.bfloat16 if amp and env.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    amp_dtype = torch.bfloat16 if amp and env.device.type == "cuda" and native_bf16() else None
     try:
         with tqdm(total=len(indices), desc=desc, disable=not (progress and env.is_main), dynamic_ncols=True) as bar:
             for idxs, images, targets in loader:

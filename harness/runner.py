@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,7 @@ def task_data(card: TaskCard, root: Path, profile_name: str) -> TaskData:
     """The card's train and test datasets under a data root; a missing dataset is a one-line error."""
     spec = card.dataset
     if spec.layout in ("coco", "coco_keypoints"):
-        coco = Path(roots.require(root, "COCO 2017")["where"])
+        coco = roots.require_coco(root, [spec.train.annotations, spec.train.images, spec.test.annotations, spec.test.images])
         kp = spec.layout == "coco_keypoints"
         train_ds = CocoDetection(coco / spec.train.annotations, coco / spec.train.images, keypoints=kp, train=True)
         test_ds = CocoDetection(coco / spec.test.annotations, coco / spec.test.images, keypoints=kp, train=False)
@@ -231,8 +232,10 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
     info = apply_protocol(model, backbone, protocol, world_size=env.world_size, device=env.device)
     workers = loader_workers(plan, env)
     cfg = train_config(card, plan.profile, seed, plan.batch_size, workers)
+    identity = {"task": card.name, "card_hash": card.card_hash, "protocol": protocol, "profile": plan.profile,
+                "backbone": base.checkpoint["sha256"] or plan.backbone, "arch": base.arch}
     trained = train(model, data.train, cfg, path, augment=train_augment(card.model.kind, **aug_kwargs), env=env,
-                    progress=plan.progress, desc=f"{card.name}/{protocol}/seed{seed}")
+                    progress=plan.progress, desc=f"{card.name}/{protocol}/seed{seed}", identity=identity)
     records = predict(model, data.test, env=env, postprocess=postprocess_for(card, data.test), num_workers=workers,
                       progress=plan.progress, desc=f"{card.name} predict")
     result = None
@@ -262,13 +265,17 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
 
 def resolve_data_root(plan: EvalPlan, env: DistEnv) -> Path:
     if plan.synthetic:
+        from harness.datasets.synthetic import DEFAULT_SIZES, MARKER, write_synthetic
+
         root = Path(plan.out) / "synthetic-data"
         if env.is_main and not (root / ".complete").is_file():
-            from harness.datasets.synthetic import write_synthetic
-
             write_synthetic(root, seed=0)
             (root / ".complete").write_text("")
         barrier()
+        made = json.loads((root / MARKER).read_text())
+        if (made.get("seed"), made.get("sizes")) != (0, DEFAULT_SIZES):
+            raise HarnessError(f"{root} was generated with other settings than this version's "
+                               f"`harness data synth` ({made.get('sizes')}); use another --out")
         return root
     root = plan.data_root or (Path(os.environ[roots.DATA_ROOT_ENV]) if os.environ.get(roots.DATA_ROOT_ENV) else None)
     if root is None:
@@ -280,6 +287,14 @@ def resolve_data_root(plan: EvalPlan, env: DistEnv) -> Path:
 
 def run_eval(plan: EvalPlan) -> list[dict]:
     """Run every (task, protocol, seed) of the plan; returns the aggregated rows on rank 0, [] elsewhere."""
+    for flag, names in (("--tasks", plan.tasks), ("--protocols", plan.protocols)):
+        if not names:
+            raise HarnessError(f"{flag} names nothing")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise HarnessError(f"{flag} names {', '.join(twice)} more than once")
+    if plan.batch_size is not None and plan.batch_size < 1:
+        raise HarnessError("--batch-size must be at least 1")
     cards = [task_card(t) for t in plan.tasks]
     for card in cards:
         card.profile(plan.profile)
@@ -291,18 +306,27 @@ def run_eval(plan: EvalPlan) -> list[dict]:
     if plan.workers is not None and plan.workers < 0:
         raise HarnessError("--workers must be 0 or more")
     env = init_distributed(plan.device)
+    sync_bn = env.world_size > 1 and env.device.type == "cuda"
+    for card in cards:
+        batch = plan.batch_size or card.profile(plan.profile).batch_size
+        if card.model.kind == "segmentation" and batch // env.world_size < 2 and not sync_bn:
+            raise HarnessError(f"{card.name}: the ASPP head's BatchNorm needs at least 2 images per process; "
+                               f"a total batch of {batch} on {env.world_size} process(es) gives fewer")
     base = load_backbone(plan.backbone, arch=plan.arch)
     root = resolve_data_root(plan, env)
+    from harness.datasets.synthetic import MARKER
+
+    synthetic = plan.synthetic or (root / MARKER).is_file()  # `harness data synth` output given as --data-root
     results = []
     for card in cards:
         data = task_data(card, root, plan.profile)
         for protocol in plan.protocols:
             for seed in range(plan.seeds):
-                results.append(run_one(plan, env, card, data, base, protocol, seed, plan.synthetic))
+                results.append(run_one(plan, env, card, data, base, protocol, seed, synthetic))
     rows = aggregate(results)
     if env.is_main:
         write_json_atomic(Path(plan.out) / "results.json", {"backbone": results[0].backbone.model_dump(mode="json"),
-                                                            "synthetic": plan.synthetic, "runs": rows})
+                                                            "synthetic": synthetic, "runs": rows})
     return rows if env.is_main else []
 
 

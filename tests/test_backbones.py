@@ -348,3 +348,12 @@ def test_backbone_is_the_documented_type():
         assert isinstance(bb, Backbone) and isinstance(bb.normalization, Normalization)
         assert [f.stride for f in bb.feature_info] == [4, 8, 16, 32]
         assert bb.describe()["parameters"] == bb.num_parameters
+
+
+def test_random_init_is_the_same_every_time_and_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a, b = load_backbone("random:resnet18"), load_backbone("random:resnet18")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    torch.manual_seed(1)
+    assert not torch.equal(a.state_dict()["conv1.weight"], build_backbone("resnet18").state_dict()["conv1.weight"])

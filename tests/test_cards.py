@@ -43,6 +43,20 @@ def test_bad_card_names_file_and_field(tmp_path):
         load_card(tmp_path / "voc.yaml")
 
 
+@pytest.mark.parametrize("card_name, change, message", [
+    ("seg", {}, "head_norm gn needs an FPN head, not aspp"),
+    ("voc", {}, "head_norm gn needs an FPN head, not c4"),
+    ("coco", {"neck_channels": 48}, "head_norm gn needs neck_channels divisible by 32, got 48"),
+    ("pose", {"keypoint_head_channels": 80}, "head_norm gn needs keypoint_head_channels divisible by 32, got 80"),
+])
+def test_head_norm_is_checked_when_the_card_loads(tmp_path, card_name, change, message):
+    data = yaml.safe_load((cards_dir() / f"{card_name}.yaml").read_text())
+    data["profiles"]["smoke"].update(head_norm="gn", **change)
+    (tmp_path / f"{card_name}.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(HarnessError, match=f"{card_name}.yaml: .*profile smoke: {message}"):
+        load_card(tmp_path / f"{card_name}.yaml")
+
+
 def test_mean_and_sample_std():
     assert mean_std([1.0]) == (1.0, 0.0)
     mean, std = mean_std([1.0, 2.0, 3.0, 4.0])

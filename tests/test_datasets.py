@@ -137,6 +137,23 @@ def test_data_check_reports_missing_datasets(tmp_path):
     assert out.returncode == 2 and "data root not found" in out.stderr
 
 
+def test_coco_tasks_need_only_their_own_annotation_files(synthetic_root, tmp_path):
+    from harness.cards import task_card
+    from harness.runner import task_data
+
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for name in ("train2017", "val2017"):
+        (coco / name).symlink_to(synthetic_root / "coco" / name)
+    for split in ("train", "val"):  # detection only: no person_keypoints_*.json
+        (coco / "annotations" / f"instances_{split}2017.json").symlink_to(
+            synthetic_root / "coco" / "annotations" / f"instances_{split}2017.json")
+    data = task_data(task_card("coco"), tmp_path, "smoke")
+    assert len(data.test) == len(load_coco_gt(coco / "annotations" / "instances_val2017.json")["images"])
+    with pytest.raises(HarnessError, match=f"COCO 2017 not found under {tmp_path}: missing .*person_keypoints_train2017.json"):
+        task_data(task_card("pose"), tmp_path, "smoke")
+
+
 # ----------------------------------------------------------------------------- synthetic data root
 def test_synthetic_root_is_a_complete_data_root(synthetic_root):
     rows = {r["name"]: r for r in check_data_root(synthetic_root)}

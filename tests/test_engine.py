@@ -131,6 +131,22 @@ def test_train_logs_checkpoints_and_skips_when_done(tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in fresh.state_dict().items())  # loaded from the checkpoint
 
 
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    data = ToyData()
+    who = {"card_hash": "abc", "backbone": "random:resnet18", "protocol": "frozen"}
+    train(Toy(), data, _cfg(iterations=3, steps=()), tmp_path, progress=False, identity=who)
+    with pytest.raises(HarnessError, match=r"other settings \(backbone: random:resnet18 -> b.pth\)"):
+        train(Toy(), data, _cfg(iterations=3, steps=()), tmp_path, progress=False, identity={**who, "backbone": "b.pth"})
+
+    class Wider(Toy):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 1, bias=False)
+
+    with pytest.raises(HarnessError, match="holds another model's weights"):
+        train(Wider(), data, _cfg(iterations=3, steps=()), tmp_path, progress=False, identity=who)
+
+
 def test_nan_loss_stops_with_the_iteration(tmp_path):
     with pytest.raises(HarnessError, match=r"diverged at iteration 3: non-finite loss \(loss=nan"):
         train(Toy(nan_at=3), ToyData(), _cfg(checkpoint_period=100), tmp_path, progress=False)

@@ -57,7 +57,9 @@ def test_eval_writes_results_skips_finished_runs_and_aggregates_seeds(tiny_cards
                 n = len((synthetic_root / "VOCdevkit" / voc / split).read_text().split())
                 assert result["dataset"]["images_scored"] == n
                 assert result["dataset"]["images_trained"] == 6 and result["training"]["iterations"] == 3
+                assert result["dataset"]["synthetic"] is True  # `harness data synth` output, though given as --data-root
     summary = json.loads((out / "results.json").read_text())
+    assert summary["synthetic"] is True
     rows = {(r["task"], r["protocol"]): r for r in summary["runs"]}
     miou = rows[("seg", "frozen")]["metrics"]["mIoU"]
     assert len(miou["values"]) == 2 and miou["mean"] == pytest.approx(sum(miou["values"]) / 2)
@@ -142,3 +144,10 @@ def test_eval_user_errors_are_one_line(tmp_path):
     workers = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--synthetic", "--workers", "-1",
                       "--out", tmp_path / "o")
     assert workers.returncode == 2 and "--workers must be 0 or more" in workers.stderr
+    for args, message in ((["--tasks", ","], "--tasks names nothing"),
+                          (["--tasks", "voc,seg,voc"], "--tasks names voc more than once"),
+                          (["--tasks", "voc", "--protocols", "frozen,frozen"], "--protocols names frozen more than once"),
+                          (["--tasks", "voc", "--batch-size", "0"], "--batch-size must be at least 1"),
+                          (["--tasks", "voc,seg", "--batch-size", "1"], "seg: the ASPP head's BatchNorm needs at least 2 images")):
+        done = harness("eval", "--backbone", "random:resnet18", "--synthetic", "--out", tmp_path / "o", "--device", "cpu", *args)
+        assert done.returncode == 2 and message in done.stderr and "\n" not in done.stderr.strip(), done.stderr

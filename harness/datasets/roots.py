@@ -32,8 +32,12 @@ def _first_dir(candidates: list[Path]) -> Path | None:
     return next((c for c in candidates if c.is_dir()), None)
 
 
+def _coco_base(root: Path) -> Path:
+    return _first_dir([root / "coco", root / "COCO", root / "coco2017"]) or root / "coco"
+
+
 def _coco(root: Path) -> dict:
-    base = _first_dir([root / "coco", root / "COCO", root / "coco2017"]) or root / "coco"
+    base = _coco_base(root)
     needed = [base / "annotations" / f"{kind}_{split}2017.json" for kind in ("instances", "person_keypoints") for split in ("train", "val")]
     needed += [base / "train2017", base / "val2017"]
     counts = {s: _count_files(base / f"{s}2017", ".jpg") for s in ("train", "val") if (base / f"{s}2017").is_dir()}
@@ -98,6 +102,17 @@ def require(root: Path, name: str) -> dict:
     if not row["present"]:
         raise HarnessError(f"{name} not found under {root}: missing {', '.join(row['missing'][:3])}")
     return row
+
+
+def require_coco(root: Path, paths: list[str]) -> Path:
+    """The COCO 2017 folder under a data root, once the files a task reads (``paths``, relative to
+    it) are there; else a one-line error naming the missing ones. A detection task does not need
+    the keypoint annotations, nor the reverse."""
+    base = _coco_base(Path(root))
+    missing = [str(base / p) for p in paths if not (base / p).exists()]
+    if missing:
+        raise HarnessError(f"COCO 2017 not found under {root}: missing {', '.join(missing[:3])}")
+    return base
 
 
 def format_check(rows: list[dict]) -> str:

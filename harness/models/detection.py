@@ -24,13 +24,13 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from harness.cards import GN_GROUPS
 from harness.errors import HarnessError
 
 FPN_LEVELS = ("c2", "c3", "c4", "c5")
 DEFAULT_ANCHOR_SIZES = (32, 64, 128, 256, 512)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 HEAD_NORMS = ("none", "gn")
-GN_GROUPS = 32  # detectron2's GroupNorm (Wu & He, ECCV 2018)
 
 
 # ----------------------------------------------------------------------------- backbone access
@@ -72,7 +72,8 @@ def skip_stage(parent: nn.Module, attr: str):
 # ----------------------------------------------------------------------------- shared pieces
 def head_norm_layer(norm: str) -> Callable[[int], nn.Module] | None:
     """Normalisation of the new conv layers (FPN, keypoint head): ``"none"`` (detectron2's default)
-    → None; ``"gn"`` → a ``GroupNorm(32, channels)`` factory (detectron2's GN configs)."""
+    → None; ``"gn"`` → a ``GroupNorm(32, channels)`` factory
+    (Wu & He 2018; detectron2's GN configs normalise the FPN this way)."""
     if norm not in HEAD_NORMS:
         raise HarnessError(f"head_norm must be one of {', '.join(HEAD_NORMS)}, got {norm!r}")
     if norm == "none":

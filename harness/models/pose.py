@@ -67,7 +67,8 @@ def build_keypoint_model(
     ``keypoint_head_channels`` (Mask R-CNN paper: 8 x 512), deconv + 2x upsampling to heatmaps 4x
     the RoIAlign size (56x56). Defaults follow detectron2's keypoint_rcnn_R_50_FPN_1x (multi-scale
     640-800 training, 800 test). ``head_norm`` ``"gn"``: GroupNorm in the FPN and after each
-    keypoint-head conv (detectron2's GN configs; MoCo normalises its new layers too)."""
+    keypoint-head conv (detectron2's GN configs normalise the FPN, not the keypoint head;
+    MoCo normalises all its new layers)."""
     if num_keypoints < 1:
         raise HarnessError(f"num_keypoints must be >= 1, got {num_keypoints}")
     if keypoint_pool_size < 2:
