@@ -60,6 +60,28 @@ def test_frozen_backbone_is_bit_identical_after_training(head):
     assert not any(m.training for m in backbone.modules())
 
 
+def test_frozen_keypoint_model_with_group_norm_through_the_engine(tmp_path):
+    """The real path: a GN keypoint model trained by ``engine.train`` (weight decay, clipping, a
+    checkpoint) leaves the frozen backbone bit-identical while the FPN's GroupNorm learns."""
+    from harness.engine import TrainConfig, train
+    from harness.models import build_keypoint_model, keypoint_train_augment
+    from test_models import SMALL_ANCHORS
+
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    model = build_keypoint_model(backbone, min_size=64, max_size=96, test_min_size=64, fpn_channels=32,
+                                 representation_size=64, keypoint_head_channels=32, keypoint_head_layers=2,
+                                 anchor_sizes=SMALL_ANCHORS, head_norm="gn")
+    apply_protocol(model, backbone, "frozen", world_size=1)
+    before_backbone, before_model = _snapshot(backbone), _snapshot(model)
+    cfg = TrainConfig(iterations=3, batch_size=2, lr=0.05, warmup_iters=1, clip_grad_norm=10.0, checkpoint_period=2)
+    train(model, Shapes(4, kind="keypoints"), cfg, tmp_path, augment=keypoint_train_augment(), progress=False)
+    assert _same(before_backbone, _snapshot(backbone))
+    after = _snapshot(model)
+    gn = [k for k, m in model.named_modules() if isinstance(m, nn.GroupNorm)]
+    assert gn and all(not torch.equal(before_model[f"{k}.weight"], after[f"{k}.weight"]) for k in gn)
+
+
 def test_finetune_trains_every_backbone_tensor():
     torch.manual_seed(0)
     backbone = tiny_backbone()
