@@ -505,6 +505,8 @@ def _reject_opts(arch: str, opts: dict, allowed: set) -> None:
 
 # ----------------------------------------------------------------------------- load / save
 RANDOM_INIT_SEED = 0  # random:<arch> is the architecture's initialisation drawn with this torch seed
+
+
 def load_backbone(path_or_spec, arch: str | None = None, **opts) -> Backbone:
     """Backbone from a checkpoint file (any layout ``harness inspect`` knows) or ``random:<arch>``.
 

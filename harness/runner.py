@@ -19,6 +19,7 @@ from harness.backbones import Backbone, load_backbone
 from harness.cards import TaskCard, task_card
 from harness.datasets import roots
 from harness.datasets.coco import CocoDetection
+from harness.datasets.synthetic import DEFAULT_SIZES, MARKER, write_synthetic
 from harness.datasets.voc import SEG_CLASSES, VOC_CLASSES, VOCDetection, VOCSegmentation, voc_year
 from harness.distributed import DistEnv, barrier, init_distributed
 from harness.engine import TrainConfig, predict, train
@@ -265,8 +266,6 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
 
 def resolve_data_root(plan: EvalPlan, env: DistEnv) -> Path:
     if plan.synthetic:
-        from harness.datasets.synthetic import DEFAULT_SIZES, MARKER, write_synthetic
-
         root = Path(plan.out) / "synthetic-data"
         if env.is_main and not (root / ".complete").is_file():
             write_synthetic(root, seed=0)
@@ -314,8 +313,6 @@ def run_eval(plan: EvalPlan) -> list[dict]:
                                f"a total batch of {batch} on {env.world_size} process(es) gives fewer")
     base = load_backbone(plan.backbone, arch=plan.arch)
     root = resolve_data_root(plan, env)
-    from harness.datasets.synthetic import MARKER
-
     synthetic = plan.synthetic or (root / MARKER).is_file()  # `harness data synth` output given as --data-root
     results = []
     for card in cards:

@@ -144,6 +144,13 @@ def test_eval_user_errors_are_one_line(tmp_path):
     workers = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--synthetic", "--workers", "-1",
                       "--out", tmp_path / "o")
     assert workers.returncode == 2 and "--workers must be 0 or more" in workers.stderr
+    stale = tmp_path / "stale" / "synthetic-data"  # made by another version of `harness data synth`
+    stale.mkdir(parents=True)
+    (stale / ".complete").write_text("")
+    (stale / "SYNTHETIC.json").write_text(json.dumps({"seed": 0, "sizes": {"coco_train": 200}}))
+    old = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--synthetic", "--out", tmp_path / "stale",
+                  "--device", "cpu")
+    assert old.returncode == 2 and "was generated with other settings" in old.stderr and "use another --out" in old.stderr
     for args, message in ((["--tasks", ","], "--tasks names nothing"),
                           (["--tasks", "voc,seg,voc"], "--tasks names voc more than once"),
                           (["--tasks", "voc", "--protocols", "frozen,frozen"], "--protocols names frozen more than once"),
