@@ -94,11 +94,15 @@ def score_run(run: Path, data_root: Path, pose: np.ndarray, backbone: str | None
     records = predict(model.eval(), test, postprocess=postprocess_for(card, test), progress=False)
     own = [p for r in records for p in r["keypoints"]]
     boxes = [b for r in records for b in r["boxes"]]
+    people: dict = {}
+    for a in test.gt["annotations"]:
+        if not a.get("iscrowd", 0):
+            people.setdefault(a["image_id"], []).append(a)
     truth = []
     with torch.inference_mode():
         for i in range(len(test)):
             image, target = test[i]
-            anns = [a for a in test.gt["annotations"] if a["image_id"] == target["image_id"] and not a.get("iscrowd", 0)]
+            anns = people.get(target["image_id"], [])
             if not anns:
                 continue
             xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=torch.float32)
