@@ -26,7 +26,7 @@ from torch.utils.data import DistributedSampler
 from harness.backbones import build_backbone
 from harness.datasets.synthetic import write_synthetic
 from harness.datasets.voc import VOCDetection
-from harness.engine import TrainConfig, collate_pairs, sample_seed, seed_everything, train
+from harness.engine import TrainConfig, collate_pairs, default_precision, sample_seed, seed_everything, train
 from harness.models import build_detector, detection_train_augment
 
 
@@ -62,7 +62,7 @@ def bare_steps(model, dataset, steps: int, batch: int, device, lr: float, seed: 
 
 def harness_steps(model, dataset, steps: int, batch: int, device, lr: float, seed: int, amp: bool,
                   channels_last: bool) -> float:
-    cfg = TrainConfig(iterations=steps, batch_size=batch, lr=lr, warmup_iters=0, amp=amp, channels_last=channels_last,
+    cfg = TrainConfig(iterations=steps, batch_size=batch, lr=lr, warmup_iters=0, precision=default_precision(device) if amp else "fp32", channels_last=channels_last,
                       checkpoint_period=10**9, log_period=10, seed=seed)
     with tempfile.TemporaryDirectory() as out:
         result = train(model, dataset, cfg, out, augment=detection_train_augment(), progress=True, desc="harness")

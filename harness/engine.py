@@ -43,6 +43,7 @@ from harness.protocols import is_norm
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 # settings that do not change the trained weights; a resume may differ in them
 _NOT_FINGERPRINTED = ("checkpoint_period", "log_period", "num_workers")
@@ -68,7 +69,10 @@ class TrainConfig:
     poly_power: float = 0.9  # poly: (1 - it / iterations) ** poly_power, floored at min_lr
     min_lr: float = 0.0
     clip_grad_norm: float | None = None
-    amp: bool = True  # CUDA only; bf16 when supported, else fp16 + GradScaler
+    precision: str = "fp32"  # fp32 | bf16 (autocast; CPU too) | fp16 (CUDA autocast + GradScaler)
+    tf32: bool = True  # fp32 matmuls/convs may use TF32 on Ampere+ GPUs (cuDNN's default for convs)
+    accumulate: int = 1  # micro-batches per optimizer step (batch_size stays the total per step)
+    precise_bn_iters: int = 0  # detectron2's PreciseBN: recompute BatchNorm statistics at the end
     seed: int = 0
     checkpoint_period: int = 1000
     log_period: int = 20
@@ -95,6 +99,10 @@ class TrainConfig:
             problems.append("warmup_iters >= 0, checkpoint_period >= 1 and log_period >= 1 are required")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             problems.append(f"clip_grad_norm={self.clip_grad_norm} (must be > 0 or None)")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision={self.precision!r} ({', '.join(PRECISIONS)})")
+        if self.accumulate < 1 or self.precise_bn_iters < 0:
+            problems.append("accumulate >= 1 and precise_bn_iters >= 0 are required")
         if problems:
             raise HarnessError("bad training schedule: " + "; ".join(problems))
 
@@ -128,6 +136,8 @@ class TrainResult:
     device: str
     precision: str
     wall_time: float  # seconds spent training in this call
+    accumulate: int = 1
+    precise_bn_iters: int = 0
     final_losses: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -304,10 +314,33 @@ def native_bf16() -> bool:
         return torch.cuda.is_bf16_supported()
 
 
-def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if not cfg.amp or device.type != "cuda":
+def default_precision(device: torch.device) -> str:
+    """Mixed precision where it pays: bf16 on GPUs that compute it natively, else fp16 on CUDA;
+    fp32 on the CPU (used by pretraining; the task cards set their own precision)."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if native_bf16() else "fp16"
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision setting on ``device`` (None: fp32, no autocast). bf16 runs
+    on the CPU too (PyTorch's CPU autocast); fp16 needs CUDA; bf16 on a GPU without native bf16 is
+    refused rather than emulated slowly."""
+    if precision not in PRECISIONS:
+        raise HarnessError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
         return None
-    return torch.bfloat16 if native_bf16() else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise HarnessError("precision fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+    if precision == "bf16" and device.type == "cuda" and not native_bf16():
+        raise HarnessError("this GPU has no native bf16: use --precision fp16 or fp32")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def set_tf32(allowed: bool) -> None:
+    """Let fp32 matmuls and convolutions use TF32 tensor cores (Ampere and later) or not."""
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -375,8 +408,9 @@ def train(
     ckpt_path, metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
 
     world = env.world_size
-    if cfg.batch_size % world:
-        raise HarnessError(f"batch size {cfg.batch_size} is not divisible by the world size {world}")
+    if cfg.batch_size % (world * cfg.accumulate):
+        raise HarnessError(f"batch size {cfg.batch_size} is not divisible by the world size {world} "
+                           f"x {cfg.accumulate} accumulation step(s)")
     per_rank = cfg.batch_size // world
     sampler = DistributedSampler(dataset, num_replicas=world, rank=env.rank, shuffle=True, seed=cfg.seed)
     batches_per_epoch = len(sampler) // per_rank
@@ -388,8 +422,10 @@ def train(
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
-    amp_dtype = _amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    autocast_dtype = amp_dtype(cfg.precision, device)
+    if device.type == "cuda":
+        set_tf32(cfg.tf32)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     fingerprint = {**_fingerprint(cfg, world, len(dataset)), **(identity or {})}
 
     start, window = 0, {"sums": {}, "count": 0, "time": 0.0}
@@ -419,7 +455,8 @@ def train(
 
     result = TrainResult(
         iterations=cfg.iterations, start_iteration=start, batch_size=cfg.batch_size, per_process_batch=per_rank,
-        world_size=world, device=str(device), precision=_precision_name(amp_dtype), wall_time=0.0,
+        world_size=world, device=str(device), precision=cfg.precision, wall_time=0.0,
+        accumulate=cfg.accumulate, precise_bn_iters=cfg.precise_bn_iters,
     )
     if start >= cfg.iterations:
         return result
@@ -447,13 +484,11 @@ def train(
     log = open(metrics_path, "a", buffering=1) if env.is_main else None
     try:
         for images, targets in loader:
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [to_device(t, device) for t in targets]
             lr = optimizer.param_groups[0]["lr"]
-            with _autocast(device, amp_dtype):
-                losses = net(images, targets)
+            optimizer.zero_grad(set_to_none=True)
+            losses = accumulate_gradients(net, images, targets, cfg.accumulate, device, autocast_dtype, scaler)
             loss = sum(losses.values())
-            stats = torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()])
+            stats = torch.stack([loss.float()] + [v.float() for v in losses.values()])
             values = all_reduce_mean(stats).tolist()  # every rank sees the same values: stop together
             named = dict(zip(["loss", *losses.keys()], values))
             bad = {k: v for k, v in named.items() if not math.isfinite(v)}
@@ -463,8 +498,6 @@ def train(
                     f"training diverged at iteration {it + 1}: non-finite loss ({terms}); no result written "
                     "(lower the learning rate, set clip_grad_norm, or check the backbone checkpoint)"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
             if cfg.clip_grad_norm is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
@@ -489,6 +522,11 @@ def train(
                 window = {"sums": {}, "count": 0, "time": 0.0}
             bar.set_postfix(loss=f"{named['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
+            if it == cfg.iterations and cfg.precise_bn_iters:
+                batches = _ScheduleBatches(sampler, per_rank, batches_per_epoch, it, it + cfg.precise_bn_iters)
+                precise_bn(net, DataLoader(loader.dataset, batch_sampler=batches, collate_fn=collate_pairs,
+                                           num_workers=cfg.num_workers, generator=torch.Generator()),
+                           device, autocast_dtype)
             if it % cfg.checkpoint_period == 0 or it == cfg.iterations:
                 rng = all_gather_object(_rng_state(device))
                 if env.is_main:
@@ -515,6 +553,46 @@ def train(
     return result
 
 
+def accumulate_gradients(net: nn.Module, images: list, targets: list, steps: int, device: torch.device,
+                         dtype: torch.dtype | None, scaler) -> dict:
+    """Forward and backward one per-process batch as ``steps`` equal micro-batches (gradient
+    accumulation: each loss is divided by ``steps``; DDP synchronises on the last one only).
+    Returns the detached losses averaged over the micro-batches."""
+    size = len(images) // steps
+    totals: dict = {}
+    for k in range(steps):
+        chunk = slice(k * size, (k + 1) * size)
+        sync = k == steps - 1 or not isinstance(net, DistributedDataParallel)
+        with contextlib.nullcontext() if sync else net.no_sync():
+            with _autocast(device, dtype):
+                losses = net([im.to(device, non_blocking=True) for im in images[chunk]],
+                             [to_device(t, device) for t in targets[chunk]])
+            scaler.scale(sum(losses.values()) / steps).backward()
+        for name, value in losses.items():
+            totals[name] = totals.get(name, 0.0) + value.detach() / steps
+    return totals
+
+
+@torch.no_grad()
+def precise_bn(net: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype | None) -> int:
+    """detectron2's PreciseBN: replace the running statistics of every BatchNorm that trains (in
+    training mode) by their average over the batches of ``loader`` (forward passes in training
+    mode, no gradient). Frozen BatchNorms (eval mode) are untouched. Returns how many it set."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    try:
+        for images, targets in loader:
+            with _autocast(device, dtype):
+                net([im.to(device) for im in images], [to_device(t, device) for t in targets])
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+    return len(norms)
+
+
 # ----------------------------------------------------------------------------- predict
 def default_postprocess(output: Any, target: Any) -> Any:
     """Detection/pose dicts → CPU tensors; a segmentation logit map [C,H,W] → class-index mask."""
@@ -534,7 +612,7 @@ def predict(
     batch_size: int = 1,
     postprocess: Callable[[Any, Any], Any] | None = None,
     num_workers: int = 0,
-    amp: bool = False,
+    precision: str = "fp32",
     progress: bool = True,
     desc: str = "predict",
 ) -> list | None:
@@ -555,11 +633,11 @@ def predict(
     loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=_collate_indexed, pin_memory=env.device.type == "cuda")
     records = []
-    amp_dtype = torch.bfloat16 if amp and env.device.type == "cuda" and native_bf16() else None
+    autocast_dtype = amp_dtype(precision, env.device)
     try:
         with tqdm(total=len(indices), desc=desc, disable=not (progress and env.is_main), dynamic_ncols=True) as bar:
             for idxs, images, targets in loader:
-                with _autocast(env.device, amp_dtype):
+                with _autocast(env.device, autocast_dtype):
                     outputs = model([im.to(env.device, non_blocking=True) for im in images])
                 for index, output, target in zip(idxs, outputs, targets):
                     records.append((index, postprocess(output, target)))

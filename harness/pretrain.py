@@ -866,8 +866,8 @@ def read_sidecar(out) -> dict | None:
         return None
 
 
-def _schedule(cfg: PretrainConfig, images: int, world_size: int, num_workers: int):
-    from harness.engine import TrainConfig
+def _schedule(cfg: PretrainConfig, images: int, world_size: int, num_workers: int, device: torch.device):
+    from harness.engine import TrainConfig, default_precision
 
     if (cfg.epochs is None) == (cfg.iterations is None):
         raise HarnessError("give exactly one of --epochs and --iterations")
@@ -887,7 +887,8 @@ def _schedule(cfg: PretrainConfig, images: int, world_size: int, num_workers: in
     return TrainConfig(iterations=iterations, batch_size=cfg.batch_size, lr=lr, optimizer=cfg.optimizer,
                        momentum=cfg.momentum, weight_decay=weight_decay, warmup_iters=warmup, warmup_factor=0.1, steps=steps,
                        seed=cfg.seed, checkpoint_period=cfg.checkpoint_period,
-                       log_period=max(1, min(20, iterations // 10 or 1)), num_workers=num_workers)
+                       log_period=max(1, min(20, iterations // 10 or 1)), num_workers=num_workers,
+                       precision=default_precision(device))
 
 
 def _resume_iteration(path: Path) -> int:
@@ -922,7 +923,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                               shuffle_buffer=cfg.shuffle_buffer)
     loss = resolve_loss(cfg.loss, data.kind, hierarchy)
     # shards: the stream's reader threads load; map-style data: the engine's DataLoader workers
-    tcfg = _schedule(cfg, data.images, env.world_size, 0 if isinstance(data.dataset, ShardStream) else cfg.workers)
+    tcfg = _schedule(cfg, data.images, env.world_size, 0 if isinstance(data.dataset, ShardStream) else cfg.workers,
+                     env.device)
     settings = {
         "arch": cfg.arch, "data": {**data.describe(), "fraction": cfg.fraction, "subset_seed": cfg.subset_seed,
                                    "hierarchy": cfg.hierarchy},

@@ -28,6 +28,7 @@ from harness.metrics.coco import coco_box_metrics, coco_keypoint_metrics
 from harness.metrics.segmentation import confusion_matrix, segmentation_metrics
 from harness.metrics.voc import voc_detection_metrics
 from harness.models import build_model, train_augment
+from harness.models.pose import keypoints_to_pixel_indices
 from harness.protocols import apply_protocol
 from harness.results import Result, aggregate, git_commit, read_result, write_json_atomic, write_result
 
@@ -164,7 +165,7 @@ def postprocess_for(card: TaskCard, test_ds):
 
         def keypoints(output, target):
             boxes = _box_records(output, target["image_id"], lambda _: person)
-            kps = output["keypoints"].tolist()
+            kps = keypoints_to_pixel_indices(output["keypoints"]).tolist()
             return {"boxes": boxes, "keypoints": [
                 {"image_id": target["image_id"], "category_id": person, "score": b["score"],
                  "keypoints": [v for point in k for v in point]} for b, k in zip(boxes, kps)]}

@@ -26,7 +26,7 @@ from harness.models import (
     segmentation_train_augment,
     train_augment,
 )
-from harness.models.pose import hflip_keypoints
+from harness.models.pose import hflip_keypoints, keypoints_to_pixel_indices
 
 SMALL_ANCHORS = (8, 16, 32, 64, 128)
 
@@ -315,9 +315,15 @@ def test_keypoint_flip_swaps_left_and_right():
     assert out["keypoints"][0, 6].tolist() == [15.0, 6.0, 1.0]
     assert out["keypoints"][0, 1].tolist() == [0.0, 0.0, 0.0]  # the invisible right eye moved left
     assert sorted(COCO_KEYPOINT_FLIP) == list(range(17))
+    # the training augmentation works in detectron2's continuous coordinates (pixel index + 0.5), so a
+    # flipped pixel index i lands on pixel W - 1 - i, and predictions go back by -0.5
     aug = keypoint_train_augment(flip_prob=1.0)
     _, out2 = aug(image, target, torch.Generator().manual_seed(0))
-    assert torch.equal(out2["keypoints"], out["keypoints"])
+    assert out2["keypoints"][0, 2].tolist() == [16.5, 4.5, 2.0]
+    assert keypoints_to_pixel_indices(out2["keypoints"])[0, 2, :2].tolist() == [20 - 1 - 3, 4.0]
+    _, unflipped = keypoint_train_augment(flip_prob=0.0)(image, target, torch.Generator().manual_seed(0))
+    assert unflipped["keypoints"][0, 1].tolist() == [3.5, 4.5, 2.0]
+    assert unflipped["keypoints"][0, 0].tolist() == [0.0, 0.0, 0.0]  # unlabelled points stay at 0
 
 
 def test_segmentation_augment_crops_pads_and_is_seeded():

@@ -15,14 +15,18 @@ from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from harness.cards import GN_GROUPS
 from harness.errors import HarnessError
@@ -87,23 +91,179 @@ def head_norm_layer(norm: str) -> Callable[[int], nn.Module] | None:
     return group_norm
 
 
+def pad_colour(backbone: nn.Module) -> tuple[float, float, float]:
+    """The backbone's mean colour as RGB in [0, 1]: padding with it gives 0 after the backbone's
+    normalization, as detectron2 pads its normalized images with 0."""
+    norm = getattr(backbone, "normalization", None)
+    if norm is None:
+        return (0.0, 0.0, 0.0)
+    mean = [float(v) / 255.0 for v in norm.mean]
+    return tuple(mean[::-1] if norm.channel_order == "BGR" else mean)
+
+
 class RCNNTransform(GeneralizedRCNNTransform):
     """Resize only (mean 0, std 1: the backbone normalizes). Training draws the short side from
-    ``train_sizes`` (multi-scale); evaluation uses ``test_size``. Long side capped at ``max_size``."""
+    ``train_sizes`` (multi-scale); evaluation uses ``test_size``. Long side capped at ``max_size``.
+    Batches are padded bottom/right to a multiple of ``size_divisible`` with ``pad_value`` (RGB)."""
 
-    def __init__(self, train_sizes: Sequence[int], test_size: int, max_size: int):
-        super().__init__(min_size=test_size, max_size=max_size, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
+    def __init__(self, train_sizes: Sequence[int], test_size: int, max_size: int, size_divisible: int = 32,
+                 pad_value: Sequence[float] = (0.0, 0.0, 0.0)):
+        super().__init__(min_size=test_size, max_size=max_size, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0],
+                         size_divisible=size_divisible)
         self.train_sizes = tuple(int(s) for s in train_sizes)
+        self.pad_value = tuple(float(v) for v in pad_value)
 
     def torch_choice(self, k):  # only called in training
         return super().torch_choice(list(self.train_sizes))
 
+    def batch_images(self, images: list[Tensor], size_divisible: int = 32) -> Tensor:
+        batched = super().batch_images(images, size_divisible)
+        fill = torch.tensor(self.pad_value, dtype=batched.dtype, device=batched.device).view(3, 1, 1)
+        for image, out in zip(images, batched):
+            h, w = image.shape[-2:]
+            out[:, h:, :] = fill
+            out[:, :h, w:] = fill
+        return batched
 
-def make_transform(min_size: int | Sequence[int], max_size: int, test_min_size: int | None) -> RCNNTransform:
+
+def make_transform(min_size: int | Sequence[int], max_size: int, test_min_size: int | None, size_divisible: int = 32,
+                   pad_value: Sequence[float] = (0.0, 0.0, 0.0)) -> RCNNTransform:
     train_sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
     if not train_sizes:
         raise HarnessError("min_size must name at least one image size")
-    return RCNNTransform(train_sizes, test_min_size or max(train_sizes), max_size)
+    return RCNNTransform(train_sizes, test_min_size or max(train_sizes), max_size, size_divisible, pad_value)
+
+
+# ----------------------------------------------------------------------------- detectron2's pieces
+class RoIAlignV2(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign (same level mapping) with RoIAlign's ``aligned`` exposed:
+    detectron2's ROIAlignV2 is ``aligned=True`` (pixel centres at +0.5) with ``sampling_ratio=0``
+    (adaptive sampling)."""
+
+    def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int = 0, aligned: bool = True):
+        super().__init__(featmap_names, output_size, sampling_ratio)
+        self.aligned = aligned
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        feats = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(feats, image_shapes, self.canonical_scale, self.canonical_level)
+        rois = _convert_to_roi_format(boxes)
+        pool = lambda feat, r, scale: roi_align(  # noqa: E731
+            feat, r, self.output_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+        if len(feats) == 1:
+            return pool(feats[0], rois, self.scales[0])
+        levels = self.map_levels(boxes)
+        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
+        for level, (feat, scale) in enumerate(zip(feats, self.scales)):
+            idx = torch.where(levels == level)[0]
+            out[idx] = pool(feat, rois[idx], scale).to(out.dtype)
+        return out
+
+
+class FP32AnchorGenerator(AnchorGenerator):
+    """Anchors in fp32 whatever the features' dtype: under bf16 autocast torchvision would make
+    them in bf16, whose 8-bit mantissa puts corners near x = 1000 on a grid of 4 to 8 pixels."""
+
+    def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
+        shapes = [f.new_empty((0, 0, *f.shape[-2:]), dtype=torch.float32) for f in feature_maps]
+        return super().forward(image_list, shapes)
+
+
+class FP32BoxCoder(BoxCoder):
+    """Box encoding and decoding in fp32 (torchvision decodes in the deltas' dtype)."""
+
+    def encode(self, reference_boxes: list[Tensor], proposals: list[Tensor]) -> tuple[Tensor, ...]:
+        return super().encode([b.float() for b in reference_boxes], [p.float() for p in proposals])
+
+    def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
+        return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
+
+class Detectron2RPN(RegionProposalNetwork):
+    """torchvision's RPN with detectron2's losses (smooth-L1 with ``smooth_l1_beta``, 0 = L1; both
+    losses summed and divided by images x ``batch_size_per_image``) and proposals made in fp32."""
+
+    def __init__(self, *args, smooth_l1_beta: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.smooth_l1_beta = float(smooth_l1_beta)
+        self.box_coder = FP32BoxCoder(self.box_coder.weights, self.box_coder.bbox_xform_clip)
+
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        return super().filter_proposals(proposals.float(), objectness.float(), image_shapes, num_anchors_per_level)
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        pos, neg = self.fg_bg_sampler(labels)
+        pos_idx = torch.where(torch.cat(pos))[0]
+        sampled = torch.cat([pos_idx, torch.where(torch.cat(neg))[0]])
+        normalizer = self.fg_bg_sampler.batch_size_per_image * len(labels)
+        box_loss = F.smooth_l1_loss(pred_bbox_deltas[pos_idx].float(), torch.cat(regression_targets)[pos_idx],
+                                    beta=self.smooth_l1_beta, reduction="sum") / normalizer
+        objectness_loss = F.binary_cross_entropy_with_logits(
+            objectness.flatten()[sampled].float(), torch.cat(labels)[sampled], reduction="sum") / normalizer
+        return objectness_loss, box_loss
+
+
+class Detectron2RoIHeads(RoIHeads):
+    """torchvision's RoIHeads with detectron2's box regression loss (smooth-L1 with
+    ``smooth_l1_beta``, 0 = L1, over the sampled RoIs) and detections decoded in fp32.
+    torchvision computes its loss with beta 1/9 inside ``forward``; this class keeps the sampled
+    targets and the predicted deltas and replaces that term."""
+
+    def __init__(self, *args, smooth_l1_beta: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.smooth_l1_beta = float(smooth_l1_beta)
+        self.box_coder = FP32BoxCoder(self.box_coder.weights, self.box_coder.bbox_xform_clip)
+        self._kept: dict = {}
+        self.box_predictor.register_forward_hook(self._keep_deltas)
+
+    def _keep_deltas(self, module, inputs, outputs) -> None:
+        if self.training:
+            self._kept["deltas"] = outputs[1]
+
+    def select_training_samples(self, proposals, targets):
+        proposals, matched_idxs, labels, regression_targets = super().select_training_samples(proposals, targets)
+        self._kept.update(labels=labels, targets=regression_targets)
+        return proposals, matched_idxs, labels, regression_targets
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        return super().postprocess_detections(class_logits.float(), box_regression.float(), proposals, image_shapes)
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        result, losses = super().forward(features, proposals, image_shapes, targets)
+        if self.training:
+            kept, self._kept = self._kept, {}
+            losses["loss_box_reg"] = self.box_loss(kept["deltas"], kept["labels"], kept["targets"])
+        return result, losses
+
+    def box_loss(self, deltas: Tensor, labels: list[Tensor], targets: list[Tensor]) -> Tensor:
+        labels, targets = torch.cat(labels), torch.cat(targets)
+        pos = torch.where(labels > 0)[0]
+        deltas = deltas.reshape(deltas.shape[0], -1, 4)[pos, labels[pos]]
+        return F.smooth_l1_loss(deltas.float(), targets[pos], beta=self.smooth_l1_beta, reduction="sum") / labels.numel()
+
+
+def detectron2_heads(model: nn.Module, *, rpn_pre_nms_topk: tuple[int, int], rpn_post_nms_topk: tuple[int, int],
+                     rpn_smooth_l1_beta: float, box_smooth_l1_beta: float) -> None:
+    """Replace a torchvision R-CNN's RPN and RoI heads (in place, same submodules and settings) by
+    the detectron2-loss, fp32-proposal subclasses above. ``*_topk`` are (train, test) per image
+    (pre-NMS: per FPN level)."""
+    rpn, heads = model.rpn, model.roi_heads
+    model.rpn = Detectron2RPN(
+        FP32AnchorGenerator(rpn.anchor_generator.sizes, rpn.anchor_generator.aspect_ratios), rpn.head,
+        rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold,
+        rpn.fg_bg_sampler.batch_size_per_image, rpn.fg_bg_sampler.positive_fraction,
+        dict(zip(("training", "testing"), rpn_pre_nms_topk)), dict(zip(("training", "testing"), rpn_post_nms_topk)),
+        rpn.nms_thresh, rpn.score_thresh, smooth_l1_beta=rpn_smooth_l1_beta,
+    )
+    keypoint = {k: getattr(heads, k, None) for k in ("keypoint_roi_pool", "keypoint_head", "keypoint_predictor")}
+    model.roi_heads = Detectron2RoIHeads(
+        heads.box_roi_pool, heads.box_head, heads.box_predictor,
+        heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold,
+        heads.fg_bg_sampler.batch_size_per_image, heads.fg_bg_sampler.positive_fraction,
+        heads.box_coder.weights, heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
+        smooth_l1_beta=box_smooth_l1_beta, **keypoint,
+    )
 
 
 class FPNNeck(nn.Module):
@@ -148,14 +308,17 @@ class C4Trunk(nn.Module):
 
 
 class Res5BoxHead(nn.Module):
-    """detectron2's Res5ROIHeads box head: res5 on 14x14 RoI features (stride 2 → 7x7), then mean pool."""
+    """detectron2's Res5ROIHeads box head: res5 on 14x14 RoI features (stride 2 → 7x7), then mean
+    pool. ``extra_norm`` adds MoCo's ``Res5ROIHeadsExtraNorm``: a new BatchNorm after res5 (part of
+    the head: it trains under both protocols)."""
 
-    def __init__(self, res5: nn.Module):
+    def __init__(self, res5: nn.Module, channels: int, extra_norm: bool = False):
         super().__init__()
         self.res5 = res5
+        self.norm = nn.BatchNorm2d(channels) if extra_norm else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.res5(x).mean(dim=(2, 3))
+        return self.norm(self.res5(x)).mean(dim=(2, 3))
 
 
 def _init_predictor(predictor: FastRCNNPredictor) -> FastRCNNPredictor:
@@ -192,6 +355,14 @@ def build_detector(
     proposals_test: int = 1000,
     c4_pool_size: int = 14,
     head_norm: str = "none",
+    rpn_pre_nms_topk_train: int | None = None,
+    rpn_pre_nms_topk_test: int | None = None,
+    rpn_post_nms_topk_train: int | None = None,
+    rpn_smooth_l1_beta: float = 0.0,
+    box_smooth_l1_beta: float = 0.0,
+    roi_align_aligned: bool = True,
+    roi_align_sampling_ratio: int = 0,
+    c4_extra_norm: bool = False,
 ) -> FasterRCNN:
     """Faster R-CNN for ``num_classes`` object classes (plus background).
 
@@ -203,18 +374,28 @@ def build_detector(
     (default: its largest). ``proposals_test``: RPN proposals kept per image at test time
     (detectron2: 1000). ``c4_pool_size``: the C4 head's RoIAlign size (detectron2: 14; res5 halves it).
     ``head_norm``: ``"gn"`` puts GroupNorm in the FPN (FPN head only; see :func:`head_norm_layer`).
+
+    detectron2's settings by default (see tasks/FIDELITY.md): RoIAlign ``aligned`` with sampling
+    ratio 0 (ROIAlignV2); L1 regression losses (``*_smooth_l1_beta`` 0); RPN proposals per image
+    (pre-NMS per level, train/test) 2000/1000 and 1000 kept after NMS in training for the FPN,
+    12000/6000 and 2000 for C4; fp32 anchors, box decoding and proposal selection under autocast;
+    batches padded with the backbone's mean colour, to a multiple of 32 (FPN) or not at all (C4).
+    ``c4_extra_norm``: MoCo's extra BatchNorm after res5 in the C4 box head.
     """
     if num_classes < 1:
         raise HarnessError(f"num_classes must be >= 1, got {num_classes}")
     head_norm_layer(head_norm)  # a bad name fails before any model is built
-    transform = make_transform(min_size, max_size, test_min_size)
+    if head not in ("fpn", "c4"):
+        raise HarnessError(f"unknown detection head {head!r}: use fpn or c4")
+    transform = make_transform(min_size, max_size, test_min_size, size_divisible=32 if head == "fpn" else 1,
+                               pad_value=pad_colour(backbone))
     common = dict(
         box_detections_per_img=box_detections_per_img,
         box_batch_size_per_image=box_batch_size_per_image,
         rpn_batch_size_per_image=rpn_batch_size_per_image,
         box_score_thresh=box_score_thresh,
-        rpn_post_nms_top_n_test=proposals_test,
     )
+    pool = lambda names, size: RoIAlignV2(names, size, roi_align_sampling_ratio, roi_align_aligned)  # noqa: E731
     if head == "fpn":
         neck = FPNNeck(backbone, fpn_channels or 256, norm=head_norm)
         anchors, rpn_head = fpn_rpn(anchor_sizes, neck.out_channels)
@@ -222,12 +403,13 @@ def build_detector(
             neck,
             rpn_anchor_generator=anchors,
             rpn_head=rpn_head,
-            box_roi_pool=MultiScaleRoIAlign(neck.featmap_names, output_size=7, sampling_ratio=2),
+            box_roi_pool=pool(neck.featmap_names, 7),
             box_head=TwoMLPHead(neck.out_channels * 7 * 7, representation_size),
             box_predictor=_init_predictor(FastRCNNPredictor(representation_size, num_classes + 1)),
             **common,
         )
-    elif head == "c4":
+        topk = {"pre": (2000, 1000), "post_train": 1000}  # detectron2 Base-RCNN-FPN.yaml
+    else:
         if head_norm != "none":
             raise HarnessError(f"head_norm {head_norm} applies to the FPN head; the C4 model has no FPN")
         res5_path = find_stage(backbone, "layer4")
@@ -243,17 +425,18 @@ def build_detector(
             trunk,
             rpn_anchor_generator=anchors,
             rpn_head=RPNHead(trunk.out_channels, anchors.num_anchors_per_location()[0]),
-            # detectron2 C4 defaults: 12000/6000 pre-NMS proposals on the single level
-            rpn_pre_nms_top_n_train=12000,
-            rpn_pre_nms_top_n_test=6000,
-            rpn_post_nms_top_n_train=2000,
-            box_roi_pool=MultiScaleRoIAlign(["c4"], output_size=c4_pool_size, sampling_ratio=0),
-            box_head=Res5BoxHead(backbone.get_submodule(res5_path)),
+            box_roi_pool=pool(["c4"], c4_pool_size),
+            box_head=Res5BoxHead(backbone.get_submodule(res5_path), info["c5"][0], extra_norm=c4_extra_norm),
             box_predictor=_init_predictor(FastRCNNPredictor(info["c5"][0], num_classes + 1)),
             **common,
         )
-    else:
-        raise HarnessError(f"unknown detection head {head!r}: use fpn or c4")
+        topk = {"pre": (12000, 6000), "post_train": 2000}  # detectron2 defaults.py (C4: one level)
+    detectron2_heads(
+        model,
+        rpn_pre_nms_topk=(rpn_pre_nms_topk_train or topk["pre"][0], rpn_pre_nms_topk_test or topk["pre"][1]),
+        rpn_post_nms_topk=(rpn_post_nms_topk_train or topk["post_train"], proposals_test),
+        rpn_smooth_l1_beta=rpn_smooth_l1_beta, box_smooth_l1_beta=box_smooth_l1_beta,
+    )
     model.transform = transform
     model.head_type = head
     return model
