@@ -63,9 +63,21 @@ class DatasetSpec(_Strict):
     num_classes: int = Field(gt=0, description="object classes without background")
 
 
+STAGES = ("stem", "c2", "c3", "c4", "c5")
+
+
 class ModelSpec(_Strict):
     kind: Literal["detection", "segmentation", "keypoints"]
     head: Literal["fpn", "c4", "aspp"]
+    frozen_stages: list[Literal["stem", "c2", "c3", "c4", "c5"]] = Field(
+        default=list(STAGES), min_length=1,
+        description="backbone stages the frozen protocol freezes (the rest train); all five by default")
+
+    @model_validator(mode="after")
+    def _stages_once(self):
+        if len(set(self.frozen_stages)) != len(self.frozen_stages):
+            raise ValueError(f"frozen_stages {self.frozen_stages} names a stage twice")
+        return self
 
 
 class MetricSpec(_Strict):
@@ -105,6 +117,18 @@ class Profile(_Strict):
     head_norm: Literal["none", "gn"] = Field(
         default="none", description="GroupNorm in the FPN and keypoint-head convs (gn) or none (detectron2's default)")
     anchor_sizes: list[int] | None = Field(default=None, description="RPN anchor sizes (FPN: one per level p2..p6)")
+    # R-CNN internals; unset: the model builder's detectron2 default for its head (tasks/FIDELITY.md)
+    rpn_pre_nms_topk_train: int | None = Field(default=None, gt=0, description="RPN proposals before NMS (per FPN level)")
+    rpn_pre_nms_topk_test: int | None = Field(default=None, gt=0)
+    rpn_post_nms_topk_train: int | None = Field(default=None, gt=0, description="RPN proposals kept per image in training")
+    rpn_smooth_l1_beta: float | None = Field(default=None, ge=0, description="RPN box loss: smooth-L1 beta (0 = L1)")
+    box_smooth_l1_beta: float | None = Field(default=None, ge=0, description="box head loss: smooth-L1 beta (0 = L1)")
+    roi_align_aligned: bool = Field(default=True, description="RoIAlign half-pixel alignment (detectron2's ROIAlignV2)")
+    roi_align_sampling_ratio: int = Field(default=0, ge=0, description="RoIAlign samples per bin (0: adaptive)")
+    c4_extra_norm: bool = Field(default=False, description="MoCo's extra BatchNorm after res5 in the C4 box head")
+    # training
+    precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="fp32 (TF32 allowed) or autocast")
+    precise_bn_iters: int = Field(default=0, ge=0, description="detectron2's PreciseBN: batches that recompute BN statistics")
     train_images: int | None = Field(default=None, gt=0, description="use only the first N training images (smoke)")
     checkpoint_period: int = Field(default=1000, gt=0)
 
@@ -115,10 +139,18 @@ class Profile(_Strict):
         return self
 
 
+class ReferenceSpeed(_Strict):
+    """Published training speed of the card's reference model, for the dry-run's GPU-hour estimate."""
+
+    gpu_seconds_per_image: float = Field(gt=0)
+    source: str
+
+
 class TaskCard(_Strict):
     name: str
     description: str
     source: str
+    reference_speed: ReferenceSpeed | None = None
     dataset: DatasetSpec
     model: ModelSpec
     metric: MetricSpec
@@ -138,6 +170,13 @@ class TaskCard(_Strict):
             for key, width in widths.items():
                 if width % GN_GROUPS:
                     raise ValueError(f"profile {name}: head_norm gn needs {key} divisible by {GN_GROUPS}, got {width}")
+        return self
+
+    @model_validator(mode="after")
+    def _settings_fit_head(self):
+        for name, p in self.profiles.items():
+            if p.c4_extra_norm and self.model.head != "c4":
+                raise ValueError(f"profile {name}: c4_extra_norm needs the c4 head, not {self.model.head}")
         return self
 
     def profile(self, name: str) -> Profile:

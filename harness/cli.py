@@ -40,7 +40,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         backbone=args.backbone, arch=args.arch, tasks=_csv(args.tasks), protocols=_csv(args.protocols),
         profile=args.profile, data_root=Path(args.data_root) if args.data_root else None, synthetic=args.synthetic,
         seeds=args.seeds, out=Path(args.out), device=args.device, batch_size=args.batch_size,
-        workers=args.workers, progress=not args.no_progress,
+        workers=args.workers, progress=not args.no_progress, accumulate=args.accumulate, precision=args.precision,
+        dry_run=args.dry_run,
     )
     rows = run_eval(plan)
     if rows:  # rank 0
@@ -310,7 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1); mean ± std is reported")
     p.add_argument("--out", default="runs/default", help="run folder; finished runs in it are skipped")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
-    p.add_argument("--batch-size", type=int, default=None, help="total batch; the learning rate scales linearly")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="total batch; keeps the card's epochs: iterations, steps and warmup scale inversely, lr "
+                        "linearly (the result is marked off-protocol)")
+    p.add_argument("--accumulate", type=int, default=1,
+                   help="micro-batches per step (gradient accumulation): the card's total batch in less memory")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="default: the card's (fp32 for full profiles; another one is marked off-protocol)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved plan, then train 2 steps and predict 2 images per cell; writes no results")
     p.add_argument("--workers", type=int, default=None,
                    help="data-loading processes per training process (default: 4 on CUDA, 0 on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

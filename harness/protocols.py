@@ -23,15 +23,18 @@ frozen (the paper's frozen-features experiment)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from harness.cards import STAGES
 from harness.errors import HarnessError
 
 PROTOCOLS = ("finetune", "frozen")
+
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
 _HOOKS_ATTR = "_harness_frozen_hooks"
 
@@ -45,6 +48,7 @@ class ProtocolInfo:
     trainable_backbone_parameters: int
     trainable_parameters: int
     norm: str
+    frozen_stages: list[str] = field(default_factory=list)  # frozen protocol: the stages kept fixed
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,15 +69,21 @@ def _new_module_names(backbone: nn.Module) -> set[str]:
     return {n.rsplit(".", 1)[0] for n in names}
 
 
-def freeze_backbone(backbone: nn.Module) -> None:
+def _under(name: str, prefixes: set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def freeze_backbone(backbone: nn.Module, keep_training: Sequence[str] = ()) -> None:
     """No gradient, eval mode now and before every forward of every pretrained backbone module
     (idempotent). Layers the backbone adds on top of its checkpoint (a ViT's feature pyramid) are
-    neck, not pretrained weights: they keep training."""
+    neck, not pretrained weights: they keep training, as do the modules under ``keep_training``
+    (module paths of stages the card leaves trainable)."""
     new_modules = _new_module_names(backbone)
+    keep = set(keep_training)
     for name, p in backbone.named_parameters():
-        p.requires_grad_(name.rsplit(".", 1)[0] in new_modules)
+        p.requires_grad_(name.rsplit(".", 1)[0] in new_modules or _under(name, keep))
     if not hasattr(backbone, _HOOKS_ATTR):
-        frozen = [m for n, m in backbone.named_modules() if n not in new_modules]
+        frozen = [m for n, m in backbone.named_modules() if n not in new_modules and not _under(n, keep)]
 
         def _all_eval(module, args):  # also reaches modules a family never calls directly (fused dropout)
             for m in frozen:
@@ -83,6 +93,25 @@ def freeze_backbone(backbone: nn.Module) -> None:
         handles.append(backbone.register_forward_pre_hook(_all_eval))
         object.__setattr__(backbone, _HOOKS_ATTR, handles)
     backbone.eval()
+    for name, m in backbone.named_modules():
+        if name and _under(name, keep):
+            m.train()
+
+
+def stage_paths(backbone: nn.Module, stages: Sequence[str]) -> list[str]:
+    """Module paths of backbone stages by name (``stem``, ``c2``..``c5``), for ResNet-style
+    backbones (``conv1``/``bn1`` and ``layer1``..``layer4``); other families name no stages."""
+    names = {"stem": ("conv1", "bn1"), "c2": ("layer1",), "c3": ("layer2",), "c4": ("layer3",), "c5": ("layer4",)}
+    found = {n: [p for p, _ in backbone.named_modules() if p.rsplit(".", 1)[-1] == n] for ns in names.values() for n in ns}
+    paths = []
+    for stage in stages:
+        for module in names[stage]:
+            if len(found[module]) != 1:
+                raise HarnessError(f"frozen_stages: cannot find stage {stage} ({module}) in "
+                                   f"{getattr(backbone, 'arch', type(backbone).__name__)}; a card that leaves "
+                                   "stages trainable under the frozen protocol needs a ResNet-style backbone")
+            paths.append(found[module][0])
+    return paths
 
 
 def unfreeze_backbone(backbone: nn.Module) -> None:
@@ -125,6 +154,7 @@ def apply_protocol(
     protocol: str,
     world_size: int = 1,
     device: str | torch.device | None = None,
+    frozen_stages: Sequence[str] = STAGES,
 ) -> ProtocolInfo:
     """Set up ``model`` (which contains ``backbone``) for ``protocol`` (module doc). Call it after
     building the model and before the optimizer/DDP. ``device`` decides SyncBatchNorm (CUDA only)."""
@@ -135,9 +165,16 @@ def apply_protocol(
     on_cuda = device is not None and torch.device(device).type == "cuda"
     norms = _describe_norms(backbone)
     if protocol == "frozen":
-        freeze_backbone(backbone)
+        unknown = sorted(set(frozen_stages) - set(STAGES))
+        if unknown or not frozen_stages:
+            raise HarnessError(f"frozen_stages must name some of {', '.join(STAGES)}, got {list(frozen_stages)}")
+        trainable = [s for s in STAGES if s not in frozen_stages]
+        freeze_backbone(backbone, stage_paths(backbone, trainable) if trainable else ())
         synced = convert_sync_batchnorm(model, skip=backbone) if world_size > 1 and on_cuda else 0
         norm = f"backbone frozen in eval mode ({norms}: running statistics fixed)"
+        if trainable:
+            norm = f"backbone stages {', '.join(frozen_stages)} frozen in eval mode ({norms}: running statistics " \
+                   f"fixed); {', '.join(trainable)} train as under finetune"
         if synced:
             norm += f"; {synced} head BatchNorm layers synchronized across {world_size} processes"
     else:
@@ -164,4 +201,5 @@ def apply_protocol(
         trainable_backbone_parameters=_count(p for p in backbone_params if p.requires_grad),
         trainable_parameters=_count(p for p in model.parameters() if p.requires_grad),
         norm=norm,
+        frozen_stages=list(frozen_stages) if protocol == "frozen" else [],
     )

@@ -45,6 +45,9 @@ class TrainingInfo(BaseModel):
     device: str
     precision: str
     wall_time_s: float
+    card_batch_size: int | None = None  # the card's total batch; another one rescaled the schedule
+    accumulate: int = 1
+    off_protocol: list[str] = []  # departures from the card's protocol (total batch, precision)
 
 
 class Result(BaseModel):

@@ -7,9 +7,12 @@ and, at the end, `<out>/results.json` (mean ± std over seeds) and the printed t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import json
 import os
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from harness.datasets.coco import CocoDetection
 from harness.datasets.synthetic import DEFAULT_SIZES, MARKER, write_synthetic
 from harness.datasets.voc import SEG_CLASSES, VOC_CLASSES, VOCDetection, VOCSegmentation, voc_year
 from harness.distributed import DistEnv, barrier, init_distributed
-from harness.engine import TrainConfig, predict, train
+from harness.engine import TrainConfig, amp_dtype, predict, train
 from harness.errors import HarnessError
 from harness.metrics.coco import coco_box_metrics, coco_keypoint_metrics
 from harness.metrics.segmentation import confusion_matrix, segmentation_metrics
@@ -47,8 +50,11 @@ class EvalPlan:
     seeds: int = 1
     out: Path = Path("runs/default")
     device: str | None = None
-    batch_size: int | None = None  # overrides the card's; lr scales linearly
+    batch_size: int | None = None  # overrides the card's; epochs kept (detectron2's auto_scale_workers)
+    accumulate: int = 1  # micro-batches per optimizer step (the total batch stays the card's)
+    precision: str | None = None  # overrides the card's fp32 | bf16 | fp16
     workers: int | None = None  # data-loading processes per training process; None: 4 on CUDA, 0 on the CPU
+    dry_run: bool = False  # print the plan, train 2 steps and predict 2 images per cell; no results
     progress: bool = True
 
 
@@ -98,6 +104,10 @@ def task_data(card: TaskCard, root: Path, profile_name: str) -> TaskData:
 
 
 # ----------------------------------------------------------------------------- model + schedule
+R_CNN_SETTINGS = ("rpn_pre_nms_topk_train", "rpn_pre_nms_topk_test", "rpn_post_nms_topk_train", "rpn_smooth_l1_beta",
+                  "box_smooth_l1_beta", "roi_align_aligned", "roi_align_sampling_ratio", "proposals_test")
+
+
 def model_settings(card: TaskCard, profile_name: str) -> tuple[dict, dict]:
     """Keyword arguments of the model builder and of the training augmentation."""
     p = card.profile(profile_name)
@@ -114,27 +124,46 @@ def model_settings(card: TaskCard, profile_name: str) -> tuple[dict, dict]:
     sizes["box_batch_size_per_image"] = p.roi_batch_per_image
     sizes["representation_size"] = p.representation_size
     sizes["head_norm"] = p.head_norm
+    sizes.update({k: getattr(p, k) for k in R_CNN_SETTINGS if getattr(p, k) is not None})
     flip = {"flip_prob": 0.5 if p.flip else 0.0}
     if kind == "keypoints":
         return {**sizes, "keypoint_head_layers": p.keypoint_head_layers,
                 "keypoint_head_channels": p.keypoint_head_channels, "keypoint_pool_size": p.keypoint_pool_size}, flip
-    detector = {"num_classes": card.dataset.num_classes, "head": head, "proposals_test": p.proposals_test, **sizes}
+    detector = {"num_classes": card.dataset.num_classes, "head": head, **sizes}
     if head == "c4":
         detector["c4_pool_size"] = p.c4_pool_size
+        detector["c4_extra_norm"] = p.c4_extra_norm
     return detector, flip
 
 
-def train_config(card: TaskCard, profile_name: str, seed: int, batch_size: int | None,
-                 workers: int = 0) -> TrainConfig:
-    """The card's schedule; a different total batch scales the learning rate linearly."""
+def train_config(card: TaskCard, profile_name: str, seed: int, batch_size: int | None = None, workers: int = 0,
+                 precision: str | None = None, accumulate: int = 1) -> TrainConfig:
+    """The card's schedule. Another total batch keeps the card's epochs (detectron2's
+    ``auto_scale_workers``): iterations, lr steps, warmup and checkpoint period scale inversely with
+    the batch and the learning rate linearly. ``accumulate`` keeps the batch in micro-batches."""
     p = card.profile(profile_name)
     batch = batch_size or p.batch_size
+    scale = batch / p.batch_size
+    rescale = lambda n: int(round(n / scale))  # noqa: E731
     return TrainConfig(
-        iterations=p.iterations, batch_size=batch, lr=p.lr * batch / p.batch_size, momentum=p.momentum,
-        weight_decay=p.weight_decay, warmup_iters=p.warmup_iters, warmup_factor=p.warmup_factor,
-        steps=p.steps, schedule=p.schedule, poly_power=p.poly_power, clip_grad_norm=p.clip_grad_norm,
-        seed=seed, checkpoint_period=p.checkpoint_period, num_workers=workers,
+        iterations=max(1, rescale(p.iterations)), batch_size=batch, lr=p.lr * scale, momentum=p.momentum,
+        weight_decay=p.weight_decay, warmup_iters=rescale(p.warmup_iters), warmup_factor=p.warmup_factor,
+        steps=[rescale(s) for s in p.steps], schedule=p.schedule, poly_power=p.poly_power,
+        clip_grad_norm=p.clip_grad_norm, seed=seed, checkpoint_period=max(1, rescale(p.checkpoint_period)),
+        num_workers=workers, precision=precision or p.precision, accumulate=accumulate,
+        precise_bn_iters=p.precise_bn_iters,
     )
+
+
+def off_protocol(card: TaskCard, profile_name: str, cfg: TrainConfig) -> list[str]:
+    """How a schedule departs from the card's protocol (total batch, precision); [] when it does not."""
+    p = card.profile(profile_name)
+    reasons = []
+    if cfg.batch_size != p.batch_size:
+        reasons.append(f"total batch {cfg.batch_size} (card: {p.batch_size})")
+    if cfg.precision != p.precision:
+        reasons.append(f"precision {cfg.precision} (card: {p.precision})")
+    return reasons
 
 
 # ----------------------------------------------------------------------------- predictions -> metrics
@@ -219,6 +248,70 @@ def loader_workers(plan: EvalPlan, env: DistEnv) -> int:
     return 4 if env.device.type == "cuda" else 0
 
 
+def build_cell(plan: EvalPlan, env: DistEnv, card: TaskCard, base: Backbone, protocol: str, seed: int):
+    """The cell's model (on a copy of the backbone, heads drawn with ``seed``) under ``protocol``,
+    with its protocol record and training augmentation."""
+    torch.manual_seed(seed)  # the heads' initialisation depends on the seed
+    backbone = copy.deepcopy(base)
+    model_kwargs, aug_kwargs = model_settings(card, plan.profile)
+    model = build_model(card.model.kind, backbone, **model_kwargs)
+    info = apply_protocol(model, backbone, protocol, world_size=env.world_size, device=env.device,
+                          frozen_stages=card.model.frozen_stages)
+    return model, backbone, info, train_augment(card.model.kind, **aug_kwargs)
+
+
+def cell_plan(plan: EvalPlan, card: TaskCard, data: TaskData, protocol: str, seed: int) -> dict:
+    """What a cell will run, after any rescaling: the ``--dry-run`` table's row."""
+    cfg = train_config(card, plan.profile, seed, plan.batch_size, 0, plan.precision, plan.accumulate)
+    speed = card.reference_speed
+    hours = cfg.iterations * cfg.batch_size * speed.gpu_seconds_per_image / 3600 if speed else None
+    return {"task": card.name, "protocol": protocol, "seed": seed, "batch": cfg.batch_size,
+            "accumulate": cfg.accumulate, "iterations": cfg.iterations, "lr": cfg.lr, "steps": list(cfg.steps),
+            "warmup": cfg.warmup_iters, "precision": cfg.precision, "train_images": len(data.train),
+            "test_images": len(data.test), "gpu_hours": hours, "off_protocol": off_protocol(card, plan.profile, cfg)}
+
+
+def format_plan(rows: list[dict]) -> str:
+    """The dry-run plan, one line per cell; GPU-hours from the card's reference training speed."""
+    headers = ["task", "protocol", "seed", "batch", "accum", "iterations", "lr", "steps", "warmup", "precision",
+               "train imgs", "test imgs", "GPU-h"]
+    lines = [[r["task"], r["protocol"], str(r["seed"]), str(r["batch"]), str(r["accumulate"]), str(r["iterations"]),
+              f"{r['lr']:.4g}", ",".join(map(str, r["steps"])) or "-", str(r["warmup"]), r["precision"],
+              str(r["train_images"]), str(r["test_images"]),
+              "?" if r["gpu_hours"] is None else f"{r['gpu_hours']:.1f}"] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    notes = [f"{r['task']}/{r['protocol']}/seed{r['seed']}: off-protocol: {'; '.join(r['off_protocol'])}"
+             for r in rows if r["off_protocol"]]
+    return "\n".join([fmt(headers)] + [fmt(line) for line in lines] + notes)
+
+
+DRY_RUN_ITERATIONS = 2  # optimizer steps of a --dry-run cell, at 2 images per process
+DRY_RUN_IMAGES = 2  # test images it predicts
+
+
+def dry_run_cell(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: Backbone, protocol: str,
+                 seed: int) -> float:
+    """Build the cell's model as the real run would, train it ``DRY_RUN_ITERATIONS`` steps at the
+    profile's image sizes (2 images per process and micro-batch; the schedule's lr) in a
+    temporary folder, and predict ``DRY_RUN_IMAGES`` test images through the records code.
+    Returns the seconds it took; writes nothing under ``plan.out``."""
+    began = time.perf_counter()
+    model, _, _, augment = build_cell(plan, env, card, base, protocol, seed)
+    full = train_config(card, plan.profile, seed, plan.batch_size, 0, plan.precision, plan.accumulate)
+    cfg = dataclasses.replace(full, iterations=DRY_RUN_ITERATIONS, steps=(), warmup_iters=min(full.warmup_iters, 1),
+                              batch_size=2 * env.world_size * full.accumulate, checkpoint_period=DRY_RUN_ITERATIONS,
+                              precise_bn_iters=min(full.precise_bn_iters, 1))
+    with tempfile.TemporaryDirectory(prefix="harness-dry-run-") as tmp:
+        train(model, data.train, cfg, Path(tmp) / "run", augment=augment, env=env, progress=False)
+    test = torch.utils.data.Subset(data.test, range(min(DRY_RUN_IMAGES, len(data.test))))
+    records = predict(model, test, env=env, postprocess=postprocess_for(card, data.test), precision=cfg.precision,
+                      progress=False)
+    if env.is_main and len(records) != len(test):
+        raise RuntimeError(f"dry run: {len(records)} predictions for {len(test)} images")
+    return time.perf_counter() - began
+
+
 def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: Backbone, protocol: str,
             seed: int, synthetic: bool) -> Result:
     path = run_dir(plan.out, card.name, protocol, seed)
@@ -227,19 +320,15 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
         if env.is_main:
             print(f"{card.name}/{protocol}/seed{seed}: done earlier, skipped")
         return done
-    torch.manual_seed(seed)  # the heads' initialisation depends on the seed
-    backbone = copy.deepcopy(base)
-    model_kwargs, aug_kwargs = model_settings(card, plan.profile)
-    model = build_model(card.model.kind, backbone, **model_kwargs)
-    info = apply_protocol(model, backbone, protocol, world_size=env.world_size, device=env.device)
+    model, backbone, info, augment = build_cell(plan, env, card, base, protocol, seed)
     workers = loader_workers(plan, env)
-    cfg = train_config(card, plan.profile, seed, plan.batch_size, workers)
+    cfg = train_config(card, plan.profile, seed, plan.batch_size, workers, plan.precision, plan.accumulate)
     identity = {"task": card.name, "card_hash": card.card_hash, "protocol": protocol, "profile": plan.profile,
                 "backbone": base.checkpoint["sha256"] or plan.backbone, "arch": base.arch}
-    trained = train(model, data.train, cfg, path, augment=train_augment(card.model.kind, **aug_kwargs), env=env,
+    trained = train(model, data.train, cfg, path, augment=augment, env=env,
                     progress=plan.progress, desc=f"{card.name}/{protocol}/seed{seed}", identity=identity)
     records = predict(model, data.test, env=env, postprocess=postprocess_for(card, data.test), num_workers=workers,
-                      progress=plan.progress, desc=f"{card.name} predict")
+                      precision=cfg.precision, progress=plan.progress, desc=f"{card.name} predict")
     result = None
     if env.is_main:
         metrics = score_predictions(card, data.test, records)
@@ -256,7 +345,10 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
             training={"iterations": cfg.iterations, "batch_size": cfg.batch_size, "lr": cfg.lr,
                       "world_size": env.world_size, "device": str(env.device), "precision": trained.precision,
                       "wall_time_s": trained.wall_time, "per_process_batch": trained.per_process_batch,
-                      "data_workers": workers},
+                      "data_workers": workers, "card_batch_size": card.profile(plan.profile).batch_size,
+                      "steps": list(cfg.steps), "warmup_iters": cfg.warmup_iters, "accumulate": cfg.accumulate,
+                      "precise_bn_iters": cfg.precise_bn_iters, "tf32": cfg.tf32,
+                      "off_protocol": off_protocol(card, plan.profile, cfg)},
             protocol_info=info.as_dict(),
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )
@@ -295,6 +387,8 @@ def run_eval(plan: EvalPlan) -> list[dict]:
             raise HarnessError(f"{flag} names {', '.join(twice)} more than once")
     if plan.batch_size is not None and plan.batch_size < 1:
         raise HarnessError("--batch-size must be at least 1")
+    if plan.accumulate < 1:
+        raise HarnessError("--accumulate must be at least 1")
     cards = [task_card(t) for t in plan.tasks]
     for card in cards:
         card.profile(plan.profile)
@@ -308,19 +402,33 @@ def run_eval(plan: EvalPlan) -> list[dict]:
     env = init_distributed(plan.device)
     sync_bn = env.world_size > 1 and env.device.type == "cuda"
     for card in cards:
+        amp_dtype(plan.precision or card.profile(plan.profile).precision, env.device)  # refused before any training
         batch = plan.batch_size or card.profile(plan.profile).batch_size
-        if card.model.kind == "segmentation" and batch // env.world_size < 2 and not sync_bn:
-            raise HarnessError(f"{card.name}: the ASPP head's BatchNorm needs at least 2 images per process; "
-                               f"a total batch of {batch} on {env.world_size} process(es) gives fewer")
+        if card.model.kind == "segmentation" and batch // (env.world_size * plan.accumulate) < 2 and not sync_bn:
+            raise HarnessError(f"{card.name}: the ASPP head's BatchNorm needs at least 2 images per process and "
+                               f"micro-batch; a total batch of {batch} on {env.world_size} process(es) with "
+                               f"{plan.accumulate} accumulation step(s) gives fewer")
     base = load_backbone(plan.backbone, arch=plan.arch)
     root = resolve_data_root(plan, env)
     synthetic = plan.synthetic or (root / MARKER).is_file()  # `harness data synth` output given as --data-root
-    results = []
+    results, planned = [], []
     for card in cards:
         data = task_data(card, root, plan.profile)
         for protocol in plan.protocols:
             for seed in range(plan.seeds):
-                results.append(run_one(plan, env, card, data, base, protocol, seed, synthetic))
+                if not plan.dry_run:
+                    results.append(run_one(plan, env, card, data, base, protocol, seed, synthetic))
+                    continue
+                row = cell_plan(plan, card, data, protocol, seed)
+                row["dry_run_s"] = dry_run_cell(plan, env, card, data, base, protocol, seed)
+                planned.append(row)
+    if plan.dry_run:
+        if env.is_main:
+            print(format_plan(planned))
+            print("dry run: " + ", ".join(f"{r['task']}/{r['protocol']}/seed{r['seed']} {r['dry_run_s']:.0f} s"
+                                          for r in planned) + f" ({DRY_RUN_ITERATIONS} steps, {DRY_RUN_IMAGES} "
+                  "predictions each); nothing written")
+        return []
     rows = aggregate(results)
     if env.is_main:
         write_json_atomic(Path(plan.out) / "results.json", {"backbone": results[0].backbone.model_dump(mode="json"),
