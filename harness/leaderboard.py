@@ -72,6 +72,7 @@ class SubmittedTraining(_Model):
     device: str
     precision: str
     wall_time_s: list[float] = Field(description="per seed")
+    off_protocol: list[str] = Field(default=[], description="departures from the card's total batch or precision")
 
 
 class TaskResult(_Model):
@@ -189,6 +190,9 @@ def check_submission(sub: Submission, cards: dict[str, TaskCard], file: str) -> 
             err(f"{at}.profile", "smoke results cannot go on the leaderboard")
         if r.dataset.synthetic:
             err(f"{at}.dataset.synthetic", "synthetic-data results cannot go on the leaderboard")
+        if r.training.off_protocol:
+            err(f"{at}.training.off_protocol", f"off-protocol results cannot go on the leaderboard "
+                                               f"({'; '.join(r.training.off_protocol)})")
         if len(set(r.seeds)) != len(r.seeds):
             err(f"{at}.seeds", f"repeated seeds {r.seeds}")
         if r.profile == "full" and len(r.seeds) < MIN_SEEDS_FULL:
@@ -321,6 +325,9 @@ def build_submission(results_path: str | Path, *, name: str, pretraining_data: s
                 raise HarnessError(f"{results_path}: no result.json for {where} seed {seed} in {results_path.parent}")
             if r.card_hash != row["card_hash"]:
                 raise HarnessError(f"{results_path}: {where} seed {seed}: result.json has another card hash")
+            if r.training.off_protocol:
+                raise HarnessError(f"{results_path}: {where} seed {seed} is off-protocol "
+                                   f"({'; '.join(r.training.off_protocol)}); such results cannot go on the leaderboard")
             for key, m in row["metrics"].items():
                 if r.metrics.get(key) != m["values"][row["seeds"].index(seed)]:
                     raise HarnessError(f"{results_path}: {where} seed {seed}: {key} differs from its result.json")

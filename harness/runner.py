@@ -293,14 +293,16 @@ DRY_RUN_IMAGES = 2  # test images it predicts
 def dry_run_cell(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: Backbone, protocol: str,
                  seed: int) -> float:
     """Build the cell's model as the real run would, train it ``DRY_RUN_ITERATIONS`` steps at the
-    profile's image sizes (2 images per process and micro-batch; the schedule's lr) in a
+    profile's image sizes (1 image per process and micro-batch, 2 for segmentation; the schedule's lr) in a
     temporary folder, and predict ``DRY_RUN_IMAGES`` test images through the records code.
     Returns the seconds it took; writes nothing under ``plan.out``."""
     began = time.perf_counter()
     model, _, _, augment = build_cell(plan, env, card, base, protocol, seed)
     full = train_config(card, plan.profile, seed, plan.batch_size, 0, plan.precision, plan.accumulate)
+    per_process = 2 if card.model.kind == "segmentation" else 1  # BatchNorm in the ASPP head needs 2
     cfg = dataclasses.replace(full, iterations=DRY_RUN_ITERATIONS, steps=(), warmup_iters=min(full.warmup_iters, 1),
-                              batch_size=2 * env.world_size * full.accumulate, checkpoint_period=DRY_RUN_ITERATIONS,
+                              batch_size=per_process * env.world_size * full.accumulate,
+                              checkpoint_period=DRY_RUN_ITERATIONS,
                               precise_bn_iters=min(full.precise_bn_iters, 1))
     with tempfile.TemporaryDirectory(prefix="harness-dry-run-") as tmp:
         train(model, data.train, cfg, Path(tmp) / "run", augment=augment, env=env, progress=False)
@@ -438,10 +440,11 @@ def run_eval(plan: EvalPlan) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """One block per task: protocol, seeds, then the card's columns as mean ± std (detection and
-    keypoint AP headed mAP@[.5,.95])."""
+    keypoint AP headed mAP@[.5,.95]); a block with frozen rows is titled with the stages frozen."""
     blocks = []
     for task in dict.fromkeys(r["task"] for r in rows):
-        columns = task_card(task).metric.columns
+        card = task_card(task)
+        columns = card.metric.columns
         headers = ["task", "protocol", "seeds"] + [TABLE_HEADERS.get(c, c) for c in columns]
         lines = []
         for row in (r for r in rows if r["task"] == task):
@@ -455,5 +458,8 @@ def format_table(rows: list[dict]) -> str:
             lines.append(cells)
         widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
         fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-        blocks.append("\n".join([fmt(headers)] + [fmt(line) for line in lines]))
+        title = []
+        if any(r["protocol"] == "frozen" for r in rows if r["task"] == task):
+            title = [f"{task} (frozen: {' '.join(card.model.frozen_stages)} fixed)"]
+        blocks.append("\n".join(title + [fmt(headers)] + [fmt(line) for line in lines]))
     return "\n\n".join(blocks)

@@ -134,6 +134,11 @@ def _break_results(kind: str, out: Path) -> Path:
     results = fabricate_run(out)
     if kind == "missing seed":
         (out / "voc" / "frozen" / "seed2" / "result.json").unlink()
+    if kind == "off protocol":
+        path = out / "pose" / "finetune" / "seed1" / "result.json"
+        data = json.loads(path.read_text())
+        data["training"]["off_protocol"] = ["total batch 8 (card: 16)"]
+        path.write_text(json.dumps(data))
     if kind == "edited value":
         data = json.loads(results.read_text())
         data["runs"][0]["metrics"]["AP"]["values"][1] += 1.0
@@ -147,6 +152,7 @@ def _break_results(kind: str, out: Path) -> Path:
     ("two seeds", "at least 3 seeds"),
     ("missing seed", "no result.json for voc/frozen/full seed 2"),
     ("edited value", "differs from its result.json"),
+    ("off protocol", "pose/finetune/full seed 1 is off-protocol (total batch 8 (card: 16))"),
 ])
 def test_submit_refuses(board, tmp_path, capsys, kind, message):
     results = _break_results(kind, tmp_path / "run")
@@ -197,6 +203,8 @@ BREAKS = [  # (mutation, field, message): each must give exactly one error line
     (_drop_seed, "results[0].seeds", "at least 3 seeds"),
     (lambda d: _first(d)["dataset"].update(synthetic=True), "results[0].dataset.synthetic", "synthetic"),
     (lambda d: _first(d).update(profile="smoke"), "results[0].profile", "smoke results"),
+    (lambda d: _first(d)["training"].update(off_protocol=["precision bf16 (card: fp32)"]),
+     "results[0].training.off_protocol", "off-protocol results cannot go on the leaderboard"),
     (lambda d: _first(d).update(task="imagenet"), "results[0].task", "unknown task 'imagenet'"),
     (lambda d: _first(d)["metrics"].pop("AP"), "results[0].metrics", "primary metric 'AP' is missing"),
     (lambda d: _first(d)["dataset"].update(name="coco2014"), "results[0].dataset.name", "is not the coco card"),
