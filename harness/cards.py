@@ -126,6 +126,7 @@ class Profile(_Strict):
     roi_align_aligned: bool = Field(default=True, description="RoIAlign half-pixel alignment (detectron2's ROIAlignV2)")
     roi_align_sampling_ratio: int = Field(default=0, ge=0, description="RoIAlign samples per bin (0: adaptive)")
     c4_extra_norm: bool = Field(default=False, description="MoCo's extra BatchNorm after res5 in the C4 box head")
+    aspect_ratio_grouping: bool = Field(default=True, description="R-CNN kinds: batch landscape and portrait images apart")
     # training
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="fp32 (TF32 allowed) or autocast")
     precise_bn_iters: int = Field(default=0, ge=0, description="detectron2's PreciseBN: batches that recompute BN statistics")

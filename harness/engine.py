@@ -240,26 +240,48 @@ class _TrainView(Dataset):
 class _ScheduleBatches:
     """The batches of iterations ``start`` .. ``total`` across epochs, made lazily: epoch ``e`` is
     ``sampler`` after ``set_epoch(e)`` cut into ``per_rank`` batches (a trailing part is dropped).
+    With ``groups`` (one id per dataset index) a batch only holds images of one group, filled in
+    sampler order (detectron2's aspect-ratio grouping; each group's trailing part is dropped).
     One DataLoader reads them all, so its workers keep prefetching across epoch boundaries."""
 
-    def __init__(self, sampler: DistributedSampler, per_rank: int, per_epoch: int, start: int, total: int):
-        self.sampler, self.per_rank, self.per_epoch, self.start, self.total = sampler, per_rank, per_epoch, start, total
+    def __init__(self, sampler: DistributedSampler, per_rank: int, start: int, total: int,
+                 groups: Sequence[int] | None = None):
+        self.sampler, self.per_rank, self.start, self.total, self.groups = sampler, per_rank, start, total, groups
 
     def __len__(self) -> int:
         return max(0, self.total - self.start)
 
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)
+        if self.groups is None:
+            return [order[i * self.per_rank:(i + 1) * self.per_rank] for i in range(len(order) // self.per_rank)]
+        buckets: dict[int, list[int]] = {}
+        batches = []
+        for k in order:
+            bucket = buckets.setdefault(self.groups[k], [])
+            bucket.append(k)
+            if len(bucket) == self.per_rank:
+                batches.append(bucket)
+                buckets[self.groups[k]] = []
+        return batches
+
     def __iter__(self):
-        it = self.start
-        epoch, offset = divmod(it, self.per_epoch)
+        it, epoch = 0, 0
+        per_epoch = len(self.sampler) // self.per_rank
+        if self.groups is None:  # every epoch has the same number of batches: jump to the start
+            epoch, it = divmod(self.start, per_epoch)[0], self.start - self.start % per_epoch
         while it < self.total:
-            self.sampler.set_epoch(epoch)
-            order = list(self.sampler)
-            for i in range(offset, self.per_epoch):
+            batches = self.epoch_batches(epoch)
+            if not batches:
+                raise HarnessError(f"epoch {epoch} has no full batch of {self.per_rank} images in one aspect group")
+            for batch in batches:
+                if it >= self.start:
+                    yield [(epoch, k) for k in batch]
+                it += 1
                 if it >= self.total:
                     return
-                yield [(epoch, k) for k in order[i * self.per_rank : (i + 1) * self.per_rank]]
-                it += 1
-            epoch, offset = epoch + 1, 0
+            epoch += 1
 
 
 class _Indexed(Dataset):
@@ -391,6 +413,7 @@ def train(
     progress: bool = True,
     desc: str = "train",
     identity: dict | None = None,
+    groups: Sequence[int] | None = None,
 ) -> TrainResult:
     """Train ``model`` (in place; call ``apply_protocol`` first) on ``dataset`` for ``cfg.iterations``.
 
@@ -399,6 +422,7 @@ def train(
     exists when ``train`` starts, training resumes from it (or returns at once when it is complete).
     A checkpoint made under other settings (schedule, seed, world size, dataset size, and what
     ``identity`` names: the runner passes task card, protocol, profile and backbone) is refused.
+    ``groups`` (one id per dataset index) batches images of one group together (aspect ratio).
     """
     env = env or current_env()
     device = env.device
@@ -426,7 +450,7 @@ def train(
     if device.type == "cuda":
         set_tf32(cfg.tf32)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    fingerprint = {**_fingerprint(cfg, world, len(dataset)), **(identity or {})}
+    fingerprint = {**_fingerprint(cfg, world, len(dataset)), **(identity or {}), "grouped": groups is not None}
 
     start, window = 0, {"sums": {}, "count": 0, "time": 0.0}
     seen = all_gather_object(ckpt_path.exists())
@@ -472,7 +496,7 @@ def train(
     it = start
     loader = DataLoader(
         _TrainView(dataset, augment, cfg.seed),
-        batch_sampler=_ScheduleBatches(sampler, per_rank, batches_per_epoch, start, cfg.iterations),
+        batch_sampler=_ScheduleBatches(sampler, per_rank, start, cfg.iterations, groups),
         collate_fn=collate_pairs,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
@@ -523,7 +547,7 @@ def train(
             bar.set_postfix(loss=f"{named['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
             if it == cfg.iterations and cfg.precise_bn_iters:
-                batches = _ScheduleBatches(sampler, per_rank, batches_per_epoch, it, it + cfg.precise_bn_iters)
+                batches = _ScheduleBatches(sampler, per_rank, it, it + cfg.precise_bn_iters, groups)
                 precise_bn(net, DataLoader(loader.dataset, batch_sampler=batches, collate_fn=collate_pairs,
                                            num_workers=cfg.num_workers, generator=torch.Generator()),
                            device, autocast_dtype)

@@ -240,6 +240,25 @@ def _finished(path: Path, card: TaskCard, backbone: Backbone, profile: str) -> R
     return result
 
 
+def training_groups(card: TaskCard, profile_name: str, data: TaskData) -> list[int] | None:
+    """Aspect-ratio groups for R-CNN cards that ask for them (segmentation trains on square crops)."""
+    if card.model.kind == "segmentation" or not card.profile(profile_name).aspect_ratio_grouping:
+        return None
+    return aspect_groups(data.train)
+
+
+def aspect_groups(dataset) -> list[int] | None:
+    """detectron2's aspect-ratio groups (0: landscape, 1: portrait or square) of each training image,
+    from the annotations; None when the dataset does not know its image sizes."""
+    base, indices = dataset, None
+    if isinstance(dataset, torch.utils.data.Subset):
+        base, indices = dataset.dataset, list(dataset.indices)
+    if not hasattr(base, "image_sizes"):
+        return None
+    sizes = base.image_sizes()
+    return [0 if w > h else 1 for h, w in (sizes if indices is None else [sizes[i] for i in indices])]
+
+
 def loader_workers(plan: EvalPlan, env: DistEnv) -> int:
     """Data-loading worker processes per training process: ``plan.workers``, else 4 on CUDA (the GPU
     must not wait for JPEG decoding) and 0 on the CPU (the model already uses every core)."""
@@ -305,7 +324,8 @@ def dry_run_cell(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, b
                               checkpoint_period=DRY_RUN_ITERATIONS,
                               precise_bn_iters=min(full.precise_bn_iters, 1))
     with tempfile.TemporaryDirectory(prefix="harness-dry-run-") as tmp:
-        train(model, data.train, cfg, Path(tmp) / "run", augment=augment, env=env, progress=False)
+        train(model, data.train, cfg, Path(tmp) / "run", augment=augment, env=env, progress=False,
+              groups=training_groups(card, plan.profile, data))
     test = torch.utils.data.Subset(data.test, range(min(DRY_RUN_IMAGES, len(data.test))))
     records = predict(model, test, env=env, postprocess=postprocess_for(card, data.test), precision=cfg.precision,
                       progress=False)
@@ -328,7 +348,8 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
     identity = {"task": card.name, "card_hash": card.card_hash, "protocol": protocol, "profile": plan.profile,
                 "backbone": base.checkpoint["sha256"] or plan.backbone, "arch": base.arch}
     trained = train(model, data.train, cfg, path, augment=augment, env=env,
-                    progress=plan.progress, desc=f"{card.name}/{protocol}/seed{seed}", identity=identity)
+                    progress=plan.progress, desc=f"{card.name}/{protocol}/seed{seed}", identity=identity,
+                    groups=training_groups(card, plan.profile, data))
     records = predict(model, data.test, env=env, postprocess=postprocess_for(card, data.test), num_workers=workers,
                       precision=cfg.precision, progress=plan.progress, desc=f"{card.name} predict")
     result = None

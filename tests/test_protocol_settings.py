@@ -261,3 +261,55 @@ def test_bad_settings_are_one_line_errors(synthetic_root, tmp_path, capsys):
     assert harness_main(base + ["--precision", "fp16"]) != 0
     err = capsys.readouterr().err
     assert "fp16 needs a CUDA device" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- aspect-ratio grouping
+class Sized(Dataset):
+    """Images of known sizes whose target is their index (to see which images share a batch)."""
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def image_sizes(self):
+        return self.sizes
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 2, 2), torch.tensor(float(i))
+
+
+class Recorder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.batches: list[list[int]] = []
+
+    def forward(self, images, targets=None):
+        self.batches.append([int(t) for t in targets])
+        return {"loss": self.w * 0 + self.w ** 2}
+
+
+def test_aspect_ratio_grouping_batches_landscape_and_portrait_apart_and_resumes(tmp_path):
+    from harness.runner import aspect_groups
+
+    sizes = [(100, 200) if i % 3 else (200, 100) for i in range(30)]  # (h, w): two thirds landscape
+    data = Sized(sizes)
+    groups = aspect_groups(data)
+    assert groups == [0 if w > h else 1 for h, w in sizes]
+    assert aspect_groups(torch.utils.data.Subset(data, [0, 1])) == groups[:2]
+    cfg = TrainConfig(iterations=20, batch_size=4, lr=0.01, warmup_iters=0, checkpoint_period=7)
+    whole = Recorder()
+    train(whole, data, cfg, tmp_path / "whole", groups=groups, progress=False)
+    assert len(whole.batches) == 20
+    assert all(len({groups[i] for i in batch}) == 1 for batch in whole.batches)  # one aspect group per batch
+    assert {groups[b[0]] for b in whole.batches} == {0, 1}
+    # a run resumed at iteration 7 (its checkpoint) reads the same batches from there on
+    from torch.utils.data import DistributedSampler
+
+    from harness.engine import _ScheduleBatches
+
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
+    resumed = [[k for _, k in b] for b in _ScheduleBatches(sampler, 4, 7, 20, groups)]
+    assert resumed == whole.batches[7:]

@@ -113,6 +113,10 @@ class CocoDetection(torch.utils.data.Dataset):
     def image_ids(self) -> list:
         return [img["id"] for img in self.images]
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of each image, from the annotation file (no decoding)."""
+        return [(int(img["height"]), int(img["width"])) for img in self.images]
+
     def category_id(self, label: int) -> int:
         """COCO category id of a contiguous label (1..K)."""
         return self.category_ids[label - 1]

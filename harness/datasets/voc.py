@@ -114,6 +114,10 @@ class VOCDetection(torch.utils.data.Dataset):
     def image_ids(self) -> list[str]:
         return [ann.image_id for _, ann in self.items]
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of each image, from its annotation XML (no decoding)."""
+        return [(ann.height, ann.width) for _, ann in self.items]
+
     def __len__(self) -> int:
         return len(self.items)
 
