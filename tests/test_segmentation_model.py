@@ -276,3 +276,67 @@ def test_segmentation_fields_are_refused_on_other_cards(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(HarnessError, match="profile smoke: output_stride apply to segmentation cards only"):
         load_card(path)
+
+
+# ----------------------------------------------------------------------------- the fidelity table
+def _table_checks(path) -> list[tuple[str, str, str]]:
+    rows = []
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] not in ("setting", "---") and cells[5]:
+            key, _, value = cells[5].partition("=")
+            rows.append((cells[0], key.strip(), value.strip()))
+    return rows
+
+
+def _parse(value: str):
+    if value in ("true", "false"):
+        return value == "true"
+    if value == "None":
+        return None
+    items = []
+    for item in value.split(","):
+        try:
+            items.append(int(item))
+        except ValueError:
+            try:
+                items.append(float(item))
+            except ValueError:
+                items.append(item)
+    return items[0] if len(items) == 1 else tuple(items)
+
+
+def _first_dilations(stage: nn.Module) -> tuple[int, ...]:
+    return tuple(next(m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1).dilation[0]
+                 for block in stage)
+
+
+def test_fidelity_table_matches_the_built_full_model():
+    card = task_card("seg")
+    model_kwargs, aug = model_settings(card, "full")
+    model = build_segmenter(build_backbone("resnet50"), **model_kwargs)
+    cfg = train_config(card, "full", 0, None)
+    derived = {
+        "layer3_dilations": _first_dilations(model.backbone.layer3),
+        "layer4_dilations": _first_dilations(model.backbone.layer4),
+        "aux_head": type(model.aux_head).__name__,
+        "aux_in_channels": model.aux_head.convs[0].in_channels,
+        "aux_channels": model.aux_head.convs[0].out_channels,
+        "aspp_image_pool": isinstance(model.classifier.image_pool[0], nn.AdaptiveAvgPool2d),
+    }
+    checks = _table_checks(cards_dir() / "FIDELITY-seg.md")
+    assert len(checks) >= 25
+    for setting, key, value in checks:
+        if key in derived:
+            actual = derived[key]
+        elif hasattr(model, key):
+            actual = getattr(model, key)
+        elif hasattr(cfg, key):
+            actual = getattr(cfg, key)
+        else:
+            assert key in aug, f"{setting}: unknown check key {key}"
+            actual = aug[key]
+        actual = tuple(actual) if isinstance(actual, list) else actual
+        expected = _parse(value)
+        assert actual == (pytest.approx(expected) if isinstance(expected, float) else expected), setting
+    assert model.dropout == model.aux_head.dropout.p  # one dropout setting for both heads, as mmseg's 0.1
