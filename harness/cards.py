@@ -132,6 +132,25 @@ class Profile(_Strict):
     precise_bn_iters: int = Field(default=0, ge=0, description="detectron2's PreciseBN: batches that recompute BN statistics")
     train_images: int | None = Field(default=None, gt=0, description="use only the first N training images (smoke)")
     checkpoint_period: int = Field(default=1000, gt=0)
+    # segmentation (mmsegmentation): each field has the name of the builder/augmentation/TrainConfig
+    # argument it sets (harness.runner.model_settings and train_config)
+    output_stride: Literal[8, 16, 32] = Field(default=16, description="8 dilates ResNet layer3+layer4 (mmseg -d8)")
+    aspp_dilations: list[int] | None = Field(default=None, description="ASPP branches; None: (1, 12, 24, 36) at OS 8, scaled")
+    aux_channels: int = Field(default=256, gt=0, description="auxiliary FCN head width")
+    aux_loss_weight: float = Field(default=0.0, ge=0, description="auxiliary FCN head on c4; 0: no auxiliary head")
+    dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout2d before each segmentation classifier")
+    cat_max_ratio: float = Field(default=1.0, gt=0, le=1, description="RandomCrop: largest share of one label")
+    photometric_distortion: bool = False
+    poly_min_lr: float = Field(default=0.0, ge=0, description="poly schedule floor (mmseg's eta_min / min_lr)")
+    weight_decay_norm: float = Field(default=0.0, ge=0, description="weight decay of norm-layer parameters")
+
+    @model_validator(mode="after")
+    def _segmentation_values(self):
+        if self.aspp_dilations is not None and (len(self.aspp_dilations) < 1 or min(self.aspp_dilations) < 1):
+            raise ValueError(f"aspp_dilations {self.aspp_dilations} must be one or more positive integers")
+        if self.poly_min_lr >= self.lr:
+            raise ValueError(f"poly_min_lr {self.poly_min_lr} must lie below lr {self.lr}")
+        return self
 
     @model_validator(mode="after")
     def _steps_inside(self):
@@ -178,6 +197,20 @@ class TaskCard(_Strict):
         for name, p in self.profiles.items():
             if p.c4_extra_norm and self.model.head != "c4":
                 raise ValueError(f"profile {name}: c4_extra_norm needs the c4 head, not {self.model.head}")
+        return self
+
+    @model_validator(mode="after")
+    def _segmentation_fields_fit(self):
+        seg_only = ("output_stride", "aspp_dilations", "aux_channels", "aux_loss_weight", "dropout",
+                    "cat_max_ratio", "photometric_distortion")
+        for name, p in self.profiles.items():
+            if self.model.kind == "segmentation":
+                if p.crop_size is None:
+                    raise ValueError(f"profile {name}: segmentation needs crop_size")
+                continue
+            used = sorted(set(seg_only) & p.model_fields_set)
+            if used:
+                raise ValueError(f"profile {name}: {', '.join(used)} apply to segmentation cards only")
         return self
 
     def profile(self, name: str) -> Profile:

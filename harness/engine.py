@@ -66,8 +66,8 @@ class TrainConfig:
     schedule: str = "multistep"  # or "poly" (segmentation: mmseg's PolyLR)
     steps: Sequence[int] = ()  # multistep: multiply by gamma at each
     gamma: float = 0.1
-    poly_power: float = 0.9  # poly: (1 - it / iterations) ** poly_power, floored at min_lr
-    min_lr: float = 0.0
+    poly_power: float = 0.9  # poly: (1 - it / iterations) ** poly_power, floored at poly_min_lr
+    poly_min_lr: float = 0.0  # mmseg's PolyLR eta_min (0.x: lr_config min_lr)
     clip_grad_norm: float | None = None
     precision: str = "fp32"  # fp32 | bf16 (autocast; CPU too) | fp16 (CUDA autocast + GradScaler)
     tf32: bool = True  # fp32 matmuls/convs may use TF32 on Ampere+ GPUs (cuDNN's default for convs)
@@ -148,10 +148,10 @@ class TrainResult:
 def lr_factor(cfg: TrainConfig, iteration: int) -> float:
     """Multiplier of ``cfg.lr`` at 0-based ``iteration``: linear warmup from ``warmup_factor`` times
     either ``gamma`` per passed step (detectron2's WarmupMultiStepLR) or the poly decay
-    ``(1 - it/iterations)**poly_power`` from ``lr`` to ``min_lr`` (mmsegmentation's PolyLR)."""
+    ``(1 - it/iterations)**poly_power`` from ``lr`` to ``poly_min_lr`` (mmsegmentation's PolyLR)."""
     if cfg.schedule == "poly":
         decay = (1 - min(iteration, cfg.iterations) / cfg.iterations) ** cfg.poly_power
-        factor = ((cfg.lr - cfg.min_lr) * decay + cfg.min_lr) / cfg.lr
+        factor = ((cfg.lr - cfg.poly_min_lr) * decay + cfg.poly_min_lr) / cfg.lr
     else:
         factor = cfg.gamma ** bisect.bisect_right(cfg.steps, iteration)
     if iteration < cfg.warmup_iters:

@@ -31,6 +31,7 @@ from harness.metrics.coco import coco_box_metrics, coco_keypoint_metrics
 from harness.metrics.segmentation import confusion_matrix, segmentation_metrics
 from harness.metrics.voc import voc_detection_metrics
 from harness.models import build_model, train_augment
+from harness.models.detection import pad_colour
 from harness.models.pose import keypoints_to_pixel_indices
 from harness.protocols import apply_protocol
 from harness.results import Result, aggregate, git_commit, read_result, write_json_atomic, write_result
@@ -113,8 +114,12 @@ def model_settings(card: TaskCard, profile_name: str) -> tuple[dict, dict]:
     p = card.profile(profile_name)
     kind, head = card.model.kind, card.model.head
     if kind == "segmentation":
-        model = {"num_classes": card.dataset.num_classes + 1, "aspp_channels": p.neck_channels, "output_stride": 16}
-        aug = {"crop_size": p.crop_size, "scale_range": tuple(p.scale_range), "base_size": p.min_size[0],
+        model = {"num_classes": card.dataset.num_classes + 1, "aspp_channels": p.neck_channels,
+                 "output_stride": p.output_stride, "aspp_dilations": p.aspp_dilations, "aux_channels": p.aux_channels,
+                 "aux_loss_weight": p.aux_loss_weight, "dropout": p.dropout, "test_min_size": p.test_min_size,
+                 "max_size": p.max_size}
+        aug = {"crop_size": p.crop_size, "scale": (p.max_size, p.min_size[0]), "ratio_range": tuple(p.scale_range),
+               "cat_max_ratio": p.cat_max_ratio, "photometric_distortion": p.photometric_distortion,
                "flip_prob": 0.5 if p.flip else 0.0}
         return model, aug
     sizes = {"min_size": list(p.min_size), "max_size": p.max_size, "test_min_size": p.test_min_size,
@@ -149,6 +154,7 @@ def train_config(card: TaskCard, profile_name: str, seed: int, batch_size: int |
         iterations=max(1, rescale(p.iterations)), batch_size=batch, lr=p.lr * scale, momentum=p.momentum,
         weight_decay=p.weight_decay, warmup_iters=rescale(p.warmup_iters), warmup_factor=p.warmup_factor,
         steps=[rescale(s) for s in p.steps], schedule=p.schedule, poly_power=p.poly_power,
+        poly_min_lr=p.poly_min_lr * scale, weight_decay_norm=p.weight_decay_norm,
         clip_grad_norm=p.clip_grad_norm, seed=seed, checkpoint_period=max(1, rescale(p.checkpoint_period)),
         num_workers=workers, precision=precision or p.precision, accumulate=accumulate,
         precise_bn_iters=p.precise_bn_iters,
@@ -273,6 +279,8 @@ def build_cell(plan: EvalPlan, env: DistEnv, card: TaskCard, base: Backbone, pro
     torch.manual_seed(seed)  # the heads' initialisation depends on the seed
     backbone = copy.deepcopy(base)
     model_kwargs, aug_kwargs = model_settings(card, plan.profile)
+    if card.model.kind == "segmentation":  # mmseg 0.x pads after Normalize: 0 there is the mean colour
+        aug_kwargs["pad_value"] = pad_colour(base)
     model = build_model(card.model.kind, backbone, **model_kwargs)
     info = apply_protocol(model, backbone, protocol, world_size=env.world_size, device=env.device,
                           frozen_stages=card.model.frozen_stages)

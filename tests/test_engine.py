@@ -82,7 +82,7 @@ def test_warmup_multistep_schedule():
 
 
 def test_poly_schedule():
-    cfg = TrainConfig(iterations=100, batch_size=2, lr=0.01, warmup_iters=0, schedule="poly", min_lr=1e-4)
+    cfg = TrainConfig(iterations=100, batch_size=2, lr=0.01, warmup_iters=0, schedule="poly", poly_min_lr=1e-4)
     assert lr_factor(cfg, 0) == pytest.approx(1.0)
     assert lr_factor(cfg, 50) * 0.01 == pytest.approx((0.01 - 1e-4) * 0.5**0.9 + 1e-4)
     assert lr_factor(cfg, 100) * 0.01 == pytest.approx(1e-4)
