@@ -74,11 +74,26 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from harness.datasets.roots import check_data_root, format_check
 
-    rows = check_data_root(Path(args.root))
+    rows = check_data_root(Path(args.root), registry=args.registry)
     if args.json:
         _print_json(rows)
     else:
         print(format_check(rows))
+    wrong = [r["name"] for r in rows if r["wrong"]]
+    if wrong:
+        print(f"harness: error: wrong image counts in {', '.join(wrong)} (listed above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_data_get(args: argparse.Namespace) -> int:
+    from harness.datasets.get import get_data
+    from harness.datasets.roots import check_data_root, format_check
+
+    done = get_data(args.datasets, Path(args.root), mirrors=args.mirror, registry=args.registry,
+                    progress=not args.no_progress)
+    print(format_check(check_data_root(Path(args.root), registry=args.registry)))
+    print(f"done: {', '.join(done)} under {args.root}")
     return 0
 
 
@@ -316,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
 
-    data = sub.add_parser("data", help="synthetic datasets and data-root checks")
+    data = sub.add_parser("data", help="get the standard datasets, synthetic datasets, data-root checks")
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("synth", help="write small synthetic datasets in the real COCO/VOC layouts")
     p.add_argument("--out", required=True)
@@ -330,8 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data_synth)
     p = dsub.add_parser("check", help="report which standard datasets are present under a data root")
     p.add_argument("--root", required=True)
+    p.add_argument("--registry", default=None, help="data registry YAML (default: the shipped one, or $HARNESS_DATA_REGISTRY)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_data_check)
+    p = dsub.add_parser("get", help="download, verify and unpack standard datasets into a data root")
+    p.add_argument("datasets", nargs="+", help="coco, coco-keypoints, voc2007, voc2012, sbd (needs voc2012), or all")
+    p.add_argument("--root", required=True, help="data root (then --data-root or $HARNESS_DATA for eval)")
+    p.add_argument("--mirror", action="append", default=[], metavar="BASE_URL",
+                   help="try BASE_URL/<archive name> before the registry's sources (repeatable)")
+    p.add_argument("--registry", default=None, help="data registry YAML (default: the shipped one, or $HARNESS_DATA_REGISTRY)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_data_get)
 
     p = sub.add_parser("inspect", help="detect a checkpoint's layout and account for every tensor")
     p.add_argument("--backbone", required=True, help="checkpoint file (or random:ARCH)")
