@@ -40,7 +40,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         backbone=args.backbone, arch=args.arch, tasks=_csv(args.tasks), protocols=_csv(args.protocols),
         profile=args.profile, data_root=Path(args.data_root) if args.data_root else None, synthetic=args.synthetic,
         seeds=args.seeds, out=Path(args.out), device=args.device, batch_size=args.batch_size,
-        workers=args.workers, progress=not args.no_progress,
+        workers=args.workers, progress=not args.no_progress, checkpoint_options=_checkpoint_opts(args),
     )
     rows = run_eval(plan)
     if rows:  # rank 0
@@ -144,6 +144,35 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unsafe-load", action="store_true",
                    help="DANGEROUS: full pickle load of a file the safe loader refused; it can run arbitrary code "
                    "from the file. Only for files you trust")
+
+
+def _cmd_backbones_list(args: argparse.Namespace) -> int:
+    from harness.cards import all_backbone_cards, backbone_cards_dir
+
+    cards = all_backbone_cards()
+    if args.json:
+        _print_json({name: card.model_dump(mode="json") for name, card in cards.items()})
+        return 0
+    rows = [("name", "arch", "layout", "pretraining", "images", "checksum", "licence")]
+    for card in cards.values():
+        p = card.pretraining
+        rows.append((card.name, card.arch, card.layout, f"{p.method} on {p.data}", f"{p.images:,}",
+                     card.checksum or "pinned on first download", card.licence))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"{len(cards)} backbone card(s) in {backbone_cards_dir()}")
+    return 0
+
+
+def _cmd_tasks_list(args: argparse.Namespace) -> int:
+    from harness.cards import all_cards, cards_dir
+
+    cards = all_cards()
+    for name, card in cards.items():
+        print(f"{name:<10} {card.card_hash[:12]}  {', '.join(card.profiles)}  {card.description}")
+    print(f"{len(cards)} task card(s) in {cards_dir()}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- pretrain / scaling
@@ -314,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("eval", help="transfer a backbone to the task cards' tasks and score it")
-    p.add_argument("--backbone", required=True, help="checkpoint file, or random:<arch> for a random initialisation")
+    p.add_argument("--backbone", required=True,
+                   help="checkpoint file, a known backbone's name (`harness backbones list`), or random:<arch>")
     p.add_argument("--arch", default=None, help="architecture, when the checkpoint does not name it")
     p.add_argument("--tasks", default="coco,voc,seg,pose", help="comma-separated task cards (tasks/*.yaml)")
     p.add_argument("--protocols", default="finetune,frozen", help="finetune, frozen, or both")
@@ -329,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="data-loading processes per training process (default: 4 on CUDA, 0 on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_checkpoint_args(p)
     p.set_defaults(func=_cmd_eval)
 
     data = sub.add_parser("data", help="get the standard datasets, synthetic datasets, data-root checks")
@@ -371,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     _add_checkpoint_args(p)
     p.set_defaults(func=_cmd_export)
+
+    bsub = sub.add_parser("backbones", help="known public checkpoints (backbone cards)").add_subparsers(
+        dest="backbones_command", required=True)
+    p = bsub.add_parser("list", help="list the backbone cards (`harness eval --backbone NAME`)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_backbones_list)
+    tsub = sub.add_parser("tasks", help="task cards").add_subparsers(dest="tasks_command", required=True)
+    p = tsub.add_parser("list", help="list the task cards (name, card hash, profiles)")
+    p.set_defaults(func=_cmd_tasks_list)
 
     p = sub.add_parser("pretrain", help="pretrain a backbone on labelled images (ImageFolder, manifest, WebDataset)")
     p.add_argument("--data", required=True, help="ImageFolder root, .jsonl/.csv manifest (or its folder), or .tar shards")

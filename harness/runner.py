@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from harness.backbones import Backbone, load_backbone
+from harness.backbones import Backbone
 from harness.cards import TaskCard, task_card
 from harness.datasets import roots
 from harness.datasets.coco import CocoDetection
@@ -29,7 +29,9 @@ from harness.metrics.segmentation import confusion_matrix, segmentation_metrics
 from harness.metrics.voc import voc_detection_metrics
 from harness.models import build_model, train_augment
 from harness.protocols import apply_protocol
-from harness.results import Result, aggregate, git_commit, read_result, write_json_atomic, write_result
+from harness.results import (Result, aggregate, environment, git_commit, git_dirty, read_result, write_json_atomic,
+                             write_result)
+from harness.zoo import load_eval_backbone
 
 TABLE_HEADERS = {"AP": "mAP@[.5,.95]"}
 
@@ -49,6 +51,7 @@ class EvalPlan:
     batch_size: int | None = None  # overrides the card's; lr scales linearly
     workers: int | None = None  # data-loading processes per training process; None: 4 on CUDA, 0 on the CPU
     progress: bool = True
+    checkpoint_options: dict = field(default_factory=dict)  # key, prefix, normalization, allow_*, unsafe_load
 
 
 # ----------------------------------------------------------------------------- data
@@ -219,7 +222,7 @@ def loader_workers(plan: EvalPlan, env: DistEnv) -> int:
 
 
 def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: Backbone, protocol: str,
-            seed: int, synthetic: bool) -> Result:
+            seed: int, synthetic: bool, named: dict | None = None) -> Result:
     path = run_dir(plan.out, card.name, protocol, seed)
     done = _finished(path, card, base, plan.profile)
     if done is not None:
@@ -244,8 +247,9 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
         metrics = score_predictions(card, data.test, records)
         description = backbone.describe()
         result = Result(
-            git_commit=git_commit(),
-            backbone={"name": plan.backbone if base.checkpoint["path"] is None else Path(plan.backbone).name,
+            git_commit=git_commit(), git_dirty=git_dirty(), environment=environment(),
+            checkpoint_options={k: v for k, v in plan.checkpoint_options.items() if v not in (None, False)},
+            backbone={**(named or {"name": plan.backbone if base.checkpoint["path"] is None else Path(plan.backbone).name}),
                       "arch": base.arch, "sha256": base.checkpoint["sha256"], "layout": base.checkpoint["layout"],
                       "parameters": description["parameters"], "normalization": description["normalization"]},
             task=card.name, card_hash=card.card_hash, protocol=protocol, profile=plan.profile, seed=seed,
@@ -311,7 +315,8 @@ def run_eval(plan: EvalPlan) -> list[dict]:
         if card.model.kind == "segmentation" and batch // env.world_size < 2 and not sync_bn:
             raise HarnessError(f"{card.name}: the ASPP head's BatchNorm needs at least 2 images per process; "
                                f"a total batch of {batch} on {env.world_size} process(es) gives fewer")
-    base = load_backbone(plan.backbone, arch=plan.arch)
+    base, named = load_eval_backbone(plan.backbone, plan.arch, plan.checkpoint_options,
+                                     progress=plan.progress and env.is_main)
     root = resolve_data_root(plan, env)
     synthetic = plan.synthetic or (root / MARKER).is_file()  # `harness data synth` output given as --data-root
     results = []
@@ -319,7 +324,7 @@ def run_eval(plan: EvalPlan) -> list[dict]:
         data = task_data(card, root, plan.profile)
         for protocol in plan.protocols:
             for seed in range(plan.seeds):
-                results.append(run_one(plan, env, card, data, base, protocol, seed, synthetic))
+                results.append(run_one(plan, env, card, data, base, protocol, seed, synthetic, named))
     rows = aggregate(results)
     if env.is_main:
         write_json_atomic(Path(plan.out) / "results.json", {"backbone": results[0].backbone.model_dump(mode="json"),
