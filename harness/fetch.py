@@ -191,6 +191,7 @@ def fetch(name: str, urls: list[str], folder: Path, checksum: str | None = None,
             else:
                 why = problem(target)
                 if why is None:
+                    source_of(target).write_text(url + "\n")
                     return verified(target)
                 target.unlink()
             part.unlink(missing_ok=True)
@@ -201,6 +202,11 @@ def fetch(name: str, urls: list[str], folder: Path, checksum: str | None = None,
             tried.append(url)
             break
     raise HarnessError(f"{name}: no source gave a verified file (tried {', '.join(tried) or 'none'})")
+
+
+def source_of(path: Path) -> Path:
+    """The file beside a download that holds the URL it came from."""
+    return Path(str(path) + ".url")
 
 
 def free_bytes(folder: Path) -> int:

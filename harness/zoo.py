@@ -8,7 +8,7 @@ from pathlib import Path
 from harness.backbones import Backbone, load_backbone
 from harness.cards import BackboneCard, backbone_card
 from harness.errors import HarnessError
-from harness.fetch import cache_dir, fetch
+from harness.fetch import cache_dir, fetch, source_of
 
 
 def is_card_name(spec: str) -> bool:
@@ -42,4 +42,6 @@ def load_eval_backbone(spec: str, arch: str | None = None, options: dict | None 
     if bb.checkpoint["layout"] != card.layout:
         raise HarnessError(f"{path}: layout {bb.checkpoint['layout']!r} differs from the card's {card.layout!r} "
                            f"({card.name}); the file is not the one the card describes")
-    return bb, {"name": card.name, "card": card.name, "url": card.urls[0]}
+    source = source_of(path)
+    url = source.read_text().strip() if source.is_file() else card.urls[0]
+    return bb, {"name": card.name, "card": card.name, "url": url}
