@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from harness.backbones import Backbone
-from harness.cards import TaskCard, task_card
+from harness.cards import TaskCard, backbone_card, task_card
 from harness.datasets import roots
 from harness.datasets.coco import CocoDetection
 from harness.datasets.synthetic import DEFAULT_SIZES, MARKER, write_synthetic
@@ -31,7 +31,7 @@ from harness.models import build_model, train_augment
 from harness.protocols import apply_protocol
 from harness.results import (Result, aggregate, environment, git_commit, git_dirty, read_result, write_json_atomic,
                              write_result)
-from harness.zoo import load_eval_backbone
+from harness.zoo import fetch_backbone, is_card_name, load_eval_backbone
 
 TABLE_HEADERS = {"AP": "mAP@[.5,.95]"}
 
@@ -315,6 +315,10 @@ def run_eval(plan: EvalPlan) -> list[dict]:
         if card.model.kind == "segmentation" and batch // env.world_size < 2 and not sync_bn:
             raise HarnessError(f"{card.name}: the ASPP head's BatchNorm needs at least 2 images per process; "
                                f"a total batch of {batch} on {env.world_size} process(es) gives fewer")
+    if is_card_name(plan.backbone) and env.world_size > 1:  # one download, then every rank verifies and loads
+        if env.is_main:
+            fetch_backbone(backbone_card(plan.backbone), progress=plan.progress)
+        barrier()
     base, named = load_eval_backbone(plan.backbone, plan.arch, plan.checkpoint_options,
                                      progress=plan.progress and env.is_main)
     root = resolve_data_root(plan, env)
