@@ -222,3 +222,15 @@ def test_eval_by_name_records_card_url_sha256_and_options(zoo, tmp_path):
     assert bb["sha256"] == hashlib.sha256(zoo["files"]["moco-v1/v2"]).hexdigest() and bb["layout"] == "moco-v1/v2"
     assert result["checkpoint_options"] == {"normalization": "caffe"} and bb["normalization"]["channel_order"] == "BGR"
     assert result["environment"]["torch"] == torch.__version__ and result["environment"]["timm"] == timm.__version__
+
+
+def test_cli_lists_backbone_and_task_cards():
+    env = {k: v for k, v in os.environ.items() if k not in ("HARNESS_BACKBONES", "HARNESS_TASKS")}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "harness", *a], capture_output=True, text=True, env=env)  # noqa: E731
+    listed = json.loads(run("backbones", "list", "--json").stdout)
+    assert set(listed) == {p.stem for p in (ROOT / "backbones").glob("*.yaml")} and len(listed) >= 8
+    assert listed["moco-v2-800ep"]["checksum"] == "md5:a04e12f8" and listed["moco-v2-800ep"]["layout"] == "moco-v1/v2"
+    table = run("backbones", "list").stdout
+    assert "pinned on first download" in table and f"{len(listed)} backbone card(s) in {ROOT / 'backbones'}" in table
+    tasks = run("tasks", "list").stdout
+    assert f"task card(s) in {ROOT / 'tasks'}" in tasks and all(f"{p.stem} " in tasks for p in (ROOT / "tasks").glob("*.yaml"))
