@@ -159,8 +159,9 @@ def fetch(name: str, urls: list[str], folder: Path, checksum: str | None = None,
 
     def problem(path: Path) -> str | None:
         if size is not None and path.stat().st_size != size:
-            return f"{path.stat().st_size:,} bytes instead of {size:,}"
-        return checksum_problem(path, checksum)
+            return f"wrong size: {path.stat().st_size:,} bytes instead of {size:,}"
+        why = checksum_problem(path, checksum)
+        return f"checksum mismatch: {why}" if why else None
 
     def verified(path: Path) -> Path:
         try:
@@ -187,7 +188,7 @@ def fetch(name: str, urls: list[str], folder: Path, checksum: str | None = None,
                 tried.append(url)
                 break
             except ValueError as exc:  # pooch: hash mismatch; it removed the file
-                why = _one_line(exc)
+                why = f"checksum mismatch: {_one_line(exc)}"
             else:
                 why = problem(target)
                 if why is None:
@@ -196,9 +197,9 @@ def fetch(name: str, urls: list[str], folder: Path, checksum: str | None = None,
                 target.unlink()
             part.unlink(missing_ok=True)
             if downloader.resumed_from and attempt == 0:
-                log(f"{name} from {url}: checksum mismatch after resuming ({why}); removed, downloading from the start")
+                log(f"{name} from {url} (resumed): {why}; removed, downloading from the start")
                 continue
-            log(f"{name} from {url}: checksum mismatch ({why}); removed")
+            log(f"{name} from {url}: {why}; removed")
             tried.append(url)
             break
     raise HarnessError(f"{name}: no source gave a verified file (tried {', '.join(tried) or 'none'})")
