@@ -162,11 +162,10 @@ def convert_train_aug(root: Path, log=print) -> None:
     from PIL import Image
 
     from harness.datasets.images import read_label_png
-    from harness.datasets.roots import sbd_dir
     from harness.datasets.voc import read_sbd_mask, sbd_train_aug_ids
 
     voc12 = root / "VOCdevkit" / "VOC2012"
-    sbd = sbd_dir(root)
+    sbd = root / "SBD" / "dataset"  # where the registry unpacks benchmark.tgz
     aug_list = voc12 / "ImageSets" / "Segmentation" / "train_aug.txt"
     out = voc12 / "SegmentationClassAug"
     ids = sbd_train_aug_ids(voc12, sbd)
