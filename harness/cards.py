@@ -254,3 +254,89 @@ def task_card(name: str) -> TaskCard:
 
 def all_cards() -> dict[str, TaskCard]:
     return {p.stem: task_card(p.stem) for p in sorted(cards_dir().glob("*.yaml"))}
+
+
+# ----------------------------------------------------------------------------- backbone cards
+BACKBONES_ENV = "HARNESS_BACKBONES"
+
+
+def backbone_cards_dir() -> Path:
+    """$HARNESS_BACKBONES if set; else `backbones/` of the checkout, else the copy shipped in the package."""
+    if os.environ.get(BACKBONES_ENV):
+        folder = Path(os.environ[BACKBONES_ENV])
+        if not folder.is_dir():
+            raise HarnessError(f"{BACKBONES_ENV}={folder}: no such folder of backbone cards")
+        return folder
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "backbones", here / "backbone_cards"):
+        if candidate.is_dir():
+            return candidate
+    raise HarnessError(f"no backbone cards found (looked in {here.parent / 'backbones'} and {here / 'backbone_cards'})")
+
+
+class Pretraining(_Strict):
+    method: str = Field(description="e.g. supervised, MoCo v2, DINO")
+    data: str = Field(description="pretraining data set, e.g. ImageNet-1k")
+    images: int = Field(gt=0, description="number of pretraining images")
+    epochs: int | None = Field(default=None, gt=0)
+
+
+class BackboneCard(_Strict):
+    """A known public checkpoint: where to get it, how to check it, how to load it."""
+
+    name: str
+    description: str
+    arch: str
+    urls: list[str] = Field(min_length=1, description="official first; the file name is the first URL's")
+    checksum: str | None = Field(default=None, description="published ALG:HEX (a shorter HEX is a published prefix)")
+    layout: str = Field(description="the layout `harness inspect` reports for the file")
+    key: str | None = Field(default=None, description="checkpoint entry holding the weights, as --key")
+    prefix: str | None = Field(default=None, description="encoder prefix, as --prefix")
+    normalization: str = Field(description="input normalization: imagenet, caffe, inception, clip")
+    pretraining: Pretraining
+    paper: str
+    licence: str
+    source: str = Field(description="where the URL, checksum and facts come from (repository and file)")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        from harness.backbones import NORMALIZATIONS
+        from harness.fetch import parse_checksum
+
+        try:
+            parse_checksum(self.checksum)
+        except HarnessError as exc:
+            raise ValueError(str(exc)) from None
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization {self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
+        if not all(u.startswith(("http://", "https://")) for u in self.urls):
+            raise ValueError("urls must be http(s) URLs")
+        return self
+
+    @property
+    def file_name(self) -> str:
+        return self.urls[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def backbone_card(name: str) -> BackboneCard:
+    """The card `backbones/<name>.yaml`; an unknown name is a one-line error listing the known ones."""
+    folder = backbone_cards_dir()
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise HarnessError(f"unknown backbone {name!r}: not a file, random:<arch>, nor a card ({', '.join(known)})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise HarnessError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    try:
+        card = BackboneCard.model_validate(data)
+    except ValidationError as exc:
+        raise HarnessError(f"{path}: {first_problem(exc)} ({exc.error_count()} problem(s))") from None
+    if card.name != name:
+        raise HarnessError(f"{path}: card name {card.name!r} differs from its file name")
+    return card
+
+
+def all_backbone_cards() -> dict[str, BackboneCard]:
+    return {p.stem: backbone_card(p.stem) for p in sorted(backbone_cards_dir().glob("*.yaml"))}

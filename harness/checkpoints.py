@@ -407,7 +407,7 @@ _REASONS = (
     ("callbacks", "training callbacks"),
     ("loops", "training loop state"),
 )
-PRETRAIN_ONLY = ("mask_token", "masked_embed", "decoder")
+PRETRAIN_ONLY = ("mask_token", "masked_embed", "decoder", "projection_head", "prototypes")  # MAE; SwAV, DeepCluster-v2
 
 
 def _reason(prefix: str) -> str:

@@ -41,7 +41,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         profile=args.profile, data_root=Path(args.data_root) if args.data_root else None, synthetic=args.synthetic,
         seeds=args.seeds, out=Path(args.out), device=args.device, batch_size=args.batch_size,
         workers=args.workers, progress=not args.no_progress, accumulate=args.accumulate, precision=args.precision,
-        dry_run=args.dry_run,
+        dry_run=args.dry_run, checkpoint_options=_checkpoint_opts(args),
     )
     rows = run_eval(plan)
     if rows:  # rank 0
@@ -75,11 +75,26 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from harness.datasets.roots import check_data_root, format_check
 
-    rows = check_data_root(Path(args.root))
+    rows = check_data_root(Path(args.root), registry=args.registry)
     if args.json:
         _print_json(rows)
     else:
         print(format_check(rows))
+    wrong = [r["name"] for r in rows if r["wrong"]]
+    if wrong:
+        print(f"harness: error: wrong image counts in {', '.join(wrong)} (listed above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_data_get(args: argparse.Namespace) -> int:
+    from harness.datasets.get import get_data
+    from harness.datasets.roots import check_data_root, format_check
+
+    done = get_data(args.datasets, Path(args.root), mirrors=args.mirror, registry=args.registry,
+                    progress=not args.no_progress)
+    print(format_check(check_data_root(Path(args.root), registry=args.registry)))
+    print(f"done: {', '.join(done)} under {args.root}")
     return 0
 
 
@@ -130,6 +145,35 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unsafe-load", action="store_true",
                    help="DANGEROUS: full pickle load of a file the safe loader refused; it can run arbitrary code "
                    "from the file. Only for files you trust")
+
+
+def _cmd_backbones_list(args: argparse.Namespace) -> int:
+    from harness.cards import all_backbone_cards, backbone_cards_dir
+
+    cards = all_backbone_cards()
+    if args.json:
+        _print_json({name: card.model_dump(mode="json") for name, card in cards.items()})
+        return 0
+    rows = [("name", "arch", "layout", "pretraining", "images", "checksum", "licence")]
+    for card in cards.values():
+        p = card.pretraining
+        rows.append((card.name, card.arch, card.layout, f"{p.method} on {p.data}", f"{p.images:,}",
+                     card.checksum or "pinned on first download", card.licence))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"{len(cards)} backbone card(s) in {backbone_cards_dir()}")
+    return 0
+
+
+def _cmd_tasks_list(args: argparse.Namespace) -> int:
+    from harness.cards import all_cards, cards_dir
+
+    cards = all_cards()
+    for name, card in cards.items():
+        print(f"{name:<10} {card.card_hash[:12]}  {', '.join(card.profiles)}  {card.description}")
+    print(f"{len(cards)} task card(s) in {cards_dir()}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- pretrain / scaling
@@ -300,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("eval", help="transfer a backbone to the task cards' tasks and score it")
-    p.add_argument("--backbone", required=True, help="checkpoint file, or random:<arch> for a random initialisation")
+    p.add_argument("--backbone", required=True,
+                   help="checkpoint file, a known backbone's name (`harness backbones list`), or random:<arch>")
     p.add_argument("--arch", default=None, help="architecture, when the checkpoint does not name it")
     p.add_argument("--tasks", default="coco,voc,seg,pose", help="comma-separated task cards (tasks/*.yaml)")
     p.add_argument("--protocols", default="finetune,frozen", help="finetune, frozen, or both")
@@ -323,9 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="data-loading processes per training process (default: 4 on CUDA, 0 on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_checkpoint_args(p)
     p.set_defaults(func=_cmd_eval)
 
-    data = sub.add_parser("data", help="synthetic datasets and data-root checks")
+    data = sub.add_parser("data", help="get the standard datasets, synthetic datasets, data-root checks")
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("synth", help="write small synthetic datasets in the real COCO/VOC layouts")
     p.add_argument("--out", required=True)
@@ -339,8 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data_synth)
     p = dsub.add_parser("check", help="report which standard datasets are present under a data root")
     p.add_argument("--root", required=True)
+    p.add_argument("--registry", default=None, help="data registry YAML (default: the shipped one, or $HARNESS_DATA_REGISTRY)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_data_check)
+    p = dsub.add_parser("get", help="download, verify and unpack standard datasets into a data root")
+    p.add_argument("datasets", nargs="+", help="coco, coco-keypoints, voc2007, voc2012, sbd (needs voc2012), or all")
+    p.add_argument("--root", required=True, help="data root (then --data-root or $HARNESS_DATA for eval)")
+    p.add_argument("--mirror", action="append", default=[], metavar="BASE_URL",
+                   help="try BASE_URL/<archive name> before the registry's sources (repeatable)")
+    p.add_argument("--registry", default=None, help="data registry YAML (default: the shipped one, or $HARNESS_DATA_REGISTRY)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_data_get)
 
     p = sub.add_parser("inspect", help="detect a checkpoint's layout and account for every tensor")
     p.add_argument("--backbone", required=True, help="checkpoint file (or random:ARCH)")
@@ -356,6 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     _add_checkpoint_args(p)
     p.set_defaults(func=_cmd_export)
+
+    bsub = sub.add_parser("backbones", help="known public checkpoints (backbone cards)").add_subparsers(
+        dest="backbones_command", required=True)
+    p = bsub.add_parser("list", help="list the backbone cards (`harness eval --backbone NAME`)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_backbones_list)
+    tsub = sub.add_parser("tasks", help="task cards").add_subparsers(dest="tasks_command", required=True)
+    p = tsub.add_parser("list", help="list the task cards (name, card hash, profiles)")
+    p.set_defaults(func=_cmd_tasks_list)
 
     p = sub.add_parser("pretrain", help="pretrain a backbone on labelled images (ImageFolder, manifest, WebDataset)")
     p.add_argument("--data", required=True, help="ImageFolder root, .jsonl/.csv manifest (or its folder), or .tar shards")

@@ -66,16 +66,70 @@ class Result(BaseModel):
     training: TrainingInfo
     protocol_info: dict[str, Any] = {}
     created: str
+    git_dirty: bool | None = None  # uncommitted changes in the harness checkout (None: not run from one)
+    environment: dict[str, Any] = {}  # python, torch, torchvision, timm, CUDA, cuDNN, GPUs (see environment())
+    checkpoint_options: dict[str, Any] = {}  # --key, --prefix, --normalization, --allow-* given to eval
+
+
+def harness_checkout() -> Path | None:
+    """The git work tree the harness package itself runs from (its top holds a pyproject.toml of the
+    project `harness` and the package folder), or None: an installed wheel, or a checkout of something else."""
+    package = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=package, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    top = Path(out.stdout.strip()).resolve()
+    try:
+        import tomllib
+
+        name = tomllib.loads((top / "pyproject.toml").read_text()).get("project", {}).get("name")
+    except (OSError, ValueError, ImportError):
+        return None
+    return top if name == "harness" and package == top / "harness" else None
+
+
+def _git(top: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=top, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def git_commit() -> str | None:
-    """The commit of the harness checkout, when it runs from one."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    """The commit of the harness checkout, when the harness runs from one (never the caller's repository)."""
+    top = harness_checkout()
+    return _git(top, "rev-parse", "HEAD") or None if top else None
+
+
+def git_dirty() -> bool | None:
+    """True when the harness checkout has uncommitted changes to tracked files; None outside a checkout."""
+    top = harness_checkout()
+    status = _git(top, "status", "--porcelain", "--untracked-files=no") if top else None
+    return None if status is None else bool(status)
+
+
+def environment() -> dict[str, Any]:
+    """Versions a number may depend on: Python, torch, torchvision, timm; CUDA, cuDNN and GPU names when present."""
+    import platform
+
+    import timm
+    import torch
+    import torchvision
+
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "torchvision": torchvision.__version__, "timm": timm.__version__}
+    if torch.version.cuda:
+        env["cuda"] = torch.version.cuda
+    if torch.backends.cudnn.is_available():
+        env["cudnn"] = torch.backends.cudnn.version()
+    if torch.cuda.is_available():
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return env
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

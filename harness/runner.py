@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from harness.backbones import Backbone, load_backbone
-from harness.cards import TaskCard, task_card
+from harness.backbones import Backbone
+from harness.cards import TaskCard, backbone_card, task_card
 from harness.datasets import roots
 from harness.datasets.coco import CocoDetection
 from harness.datasets.synthetic import DEFAULT_SIZES, MARKER, write_synthetic
@@ -34,7 +34,9 @@ from harness.models import build_model, train_augment
 from harness.models.detection import pad_colour
 from harness.models.pose import keypoints_to_pixel_indices
 from harness.protocols import apply_protocol
-from harness.results import Result, aggregate, git_commit, read_result, write_json_atomic, write_result
+from harness.results import (Result, aggregate, environment, git_commit, git_dirty, read_result, write_json_atomic,
+                             write_result)
+from harness.zoo import fetch_backbone, is_card_name, load_eval_backbone
 
 TABLE_HEADERS = {"AP": "mAP@[.5,.95]"}
 
@@ -57,6 +59,7 @@ class EvalPlan:
     workers: int | None = None  # data-loading processes per training process; None: 4 on CUDA, 0 on the CPU
     dry_run: bool = False  # print the plan, train 2 steps and predict 2 images per cell; no results
     progress: bool = True
+    checkpoint_options: dict = field(default_factory=dict)  # key, prefix, normalization, allow_*, unsafe_load
 
 
 # ----------------------------------------------------------------------------- data
@@ -343,7 +346,7 @@ def dry_run_cell(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, b
 
 
 def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: Backbone, protocol: str,
-            seed: int, synthetic: bool) -> Result:
+            seed: int, synthetic: bool, named: dict | None = None) -> Result:
     path = run_dir(plan.out, card.name, protocol, seed)
     done = _finished(path, card, base, plan.profile)
     if done is not None:
@@ -365,8 +368,9 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
         metrics = score_predictions(card, data.test, records)
         description = backbone.describe()
         result = Result(
-            git_commit=git_commit(),
-            backbone={"name": plan.backbone if base.checkpoint["path"] is None else Path(plan.backbone).name,
+            git_commit=git_commit(), git_dirty=git_dirty(), environment=environment(),
+            checkpoint_options={k: v for k, v in plan.checkpoint_options.items() if v not in (None, False)},
+            backbone={**(named or {"name": plan.backbone if base.checkpoint["path"] is None else Path(plan.backbone).name}),
                       "arch": base.arch, "sha256": base.checkpoint["sha256"], "layout": base.checkpoint["layout"],
                       "parameters": description["parameters"], "normalization": description["normalization"]},
             task=card.name, card_hash=card.card_hash, protocol=protocol, profile=plan.profile, seed=seed,
@@ -439,7 +443,12 @@ def run_eval(plan: EvalPlan) -> list[dict]:
             raise HarnessError(f"{card.name}: the ASPP head's BatchNorm needs at least 2 images per process and "
                                f"micro-batch; a total batch of {batch} on {env.world_size} process(es) with "
                                f"{plan.accumulate} accumulation step(s) gives fewer")
-    base = load_backbone(plan.backbone, arch=plan.arch)
+    if is_card_name(plan.backbone) and env.world_size > 1:  # one download, then every rank verifies and loads
+        if env.is_main:
+            fetch_backbone(backbone_card(plan.backbone), progress=plan.progress)
+        barrier()
+    base, named = load_eval_backbone(plan.backbone, plan.arch, plan.checkpoint_options,
+                                     progress=plan.progress and env.is_main)
     root = resolve_data_root(plan, env)
     synthetic = plan.synthetic or (root / MARKER).is_file()  # `harness data synth` output given as --data-root
     results, planned = [], []
@@ -448,7 +457,7 @@ def run_eval(plan: EvalPlan) -> list[dict]:
         for protocol in plan.protocols:
             for seed in range(plan.seeds):
                 if not plan.dry_run:
-                    results.append(run_one(plan, env, card, data, base, protocol, seed, synthetic))
+                    results.append(run_one(plan, env, card, data, base, protocol, seed, synthetic, named))
                     continue
                 row = cell_plan(plan, card, data, protocol, seed)
                 row["dry_run_s"] = dry_run_cell(plan, env, card, data, base, protocol, seed)

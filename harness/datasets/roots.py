@@ -85,14 +85,34 @@ def sbd_dir(root: Path) -> Path:
     return root / "SBD" / "dataset"
 
 
-def check_data_root(root: Path) -> list[dict]:
-    """One row per standard dataset: name, where it was looked for, image counts, missing paths."""
+def expected_counts(root: Path, registry=None) -> dict[str, dict[str, int]] | None:
+    """The image counts a root should have: its `SYNTHETIC.json` marker's (None when the marker
+    predates them), else the data registry's standard numbers."""
+    import json
+
+    from harness.datasets.synthetic import MARKER
+
+    marker = Path(root) / MARKER
+    if marker.is_file():
+        return json.loads(marker.read_text()).get("expected")
+    from harness.datasets.get import load_registry
+
+    return load_registry(registry).counts
+
+
+def check_data_root(root: Path, registry=None) -> list[dict]:
+    """One row per standard dataset: name, where it was looked for, image counts, missing paths,
+    and the counts that differ from the expected ones (``wrong``: "split: expected N, found M")."""
     root = Path(root)
     if not root.is_dir():
         raise HarnessError(f"data root not found: {root}")
     rows = [_coco(root), _voc(root, 2007), _voc(root, 2012), _sbd(root)]
+    expected = expected_counts(root, registry)
     for row in rows:
         row["present"] = not row["missing"]
+        want = (expected or {}).get(row["name"], {})
+        row["wrong"] = [f"{split}: expected {n:,}, found {row['images'][split]:,}"
+                        for split, n in want.items() if split in row["images"] and row["images"][split] != n]
     return rows
 
 
@@ -118,8 +138,9 @@ def require_coco(root: Path, paths: list[str]) -> Path:
 def format_check(rows: list[dict]) -> str:
     lines = []
     for row in rows:
-        status = "present" if row["present"] else "MISSING"
+        status = ("WRONG" if row.get("wrong") else "present") if row["present"] else "MISSING"
         counts = ", ".join(f"{k} {v}" for k, v in row["images"].items()) or "no images"
         lines.append(f"{row['name']:<16} {status:<8} {row['where']}  ({counts})")
         lines.extend(f"    missing: {m}" for m in row["missing"])
+        lines.extend(f"    wrong count: {w}" for w in row.get("wrong", []))
     return "\n".join(lines)

@@ -976,6 +976,15 @@ def write_synthetic(out: Path, seed: int = 0, **sizes: int) -> dict:
         _write_list(seg_dir / f"{name}.txt", split_ids)
     summary["voc2012"].update({"seg_train": {"images": len(seg_train)}, "seg_val": {"images": len(seg_val)},
                                "train_aug": {"images": len(train_aug)}})
+    marker = json.loads((out / MARKER).read_text())
+    marker["expected"] = {  # the counts `harness data check` expects of this root
+        "COCO 2017": {"train": cfg["coco_train"], "val": cfg["coco_val"]},
+        "VOC2007": {"trainval": len(trainval), "test": len(test)},
+        "VOC2012": {"main/trainval": len(train_aug) + len(seg_val), "segmentation/train": len(seg_train),
+                    "segmentation/val": len(seg_val)},
+        "SBD (train_aug)": {"train_aug": len(train_aug)},
+    }
+    (out / MARKER).write_text(json.dumps(marker))
     return summary
 
 
