@@ -346,6 +346,19 @@ def _rewrite_metrics(path: Path, upto: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+class TrainingStopped(Exception):
+    """``train`` stopped early on request at ``iteration``, its checkpoint written (a rerun resumes)."""
+
+    def __init__(self, iteration: int, checkpoint: Path):
+        super().__init__(f"training stopped at iteration {iteration}; checkpoint {checkpoint}")
+        self.iteration, self.checkpoint = iteration, checkpoint
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (ranks must stop at the same step)."""
+    return all_reduce_mean(torch.tensor([float(flag)], device=device)).item() > 0
+
+
 # ----------------------------------------------------------------------------- train
 def train(
     model: nn.Module,
@@ -358,6 +371,7 @@ def train(
     progress: bool = True,
     desc: str = "train",
     identity: dict | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train ``model`` (in place; call ``apply_protocol`` first) on ``dataset`` for ``cfg.iterations``.
 
@@ -366,6 +380,8 @@ def train(
     exists when ``train`` starts, training resumes from it (or returns at once when it is complete).
     A checkpoint made under other settings (schedule, seed, world size, dataset size, and what
     ``identity`` names: the runner passes task card, protocol, profile and backbone) is refused.
+    ``stop_requested()`` (e.g. set by a preemption signal) is polled after every step; when it is true on
+    any rank, every rank stops at that step, the checkpoint is written and ``TrainingStopped`` is raised.
     """
     env = env or current_env()
     device = env.device
@@ -489,7 +505,8 @@ def train(
                 window = {"sums": {}, "count": 0, "time": 0.0}
             bar.set_postfix(loss=f"{named['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
-            if it % cfg.checkpoint_period == 0 or it == cfg.iterations:
+            stop = stop_requested is not None and _any_rank(stop_requested(), device)
+            if it % cfg.checkpoint_period == 0 or it == cfg.iterations or stop:
                 rng = all_gather_object(_rng_state(device))
                 if env.is_main:
                     _atomic_save(
@@ -507,6 +524,8 @@ def train(
                         },
                         ckpt_path,
                     )
+            if stop and it < cfg.iterations:
+                raise TrainingStopped(it, ckpt_path)
     finally:
         bar.close()
         if log is not None:
