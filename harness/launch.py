@@ -204,6 +204,7 @@ def acquire_lock(cell_dir: Path, me: dict) -> bool:
                 time.sleep(0.2)  # being written
                 held = _read_json(path) or {}
             if held.get("job_id") == me["job_id"] and held.get("launcher") == me["launcher"]:
+                _write_json(path, me)  # our own job, requeued: now in this process
                 return True
             if held and job_alive(held.get("launcher", "slurm"), str(held.get("job_id")), held.get("host")):
                 print(f"{cell_dir}: locked by live job {held.get('job_id')}, skipped", flush=True)
@@ -256,10 +257,6 @@ class CellJob(submitit.helpers.Checkpointable):
         me = {"launcher": "local" if job.cluster == "local" else "slurm", "job_id": job.job_id,
               "host": socket.gethostname(), "pid": os.getpid(), "log": str(job.paths.stdout),
               "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        if job.global_rank == 0:
-            if not acquire_lock(cell_dir, me):
-                return "skipped"
-            (cell_dir / FAILED_FILE).unlink(missing_ok=True)
         stop = threading.Event()
         previous = {}
 
@@ -267,8 +264,12 @@ class CellJob(submitit.helpers.Checkpointable):
             print(f"{name}: caught {signal.Signals(signum).name}; stopping at the next step boundary", flush=True)
             stop.set()
 
-        for sig in STOP_SIGNALS:
+        for sig in STOP_SIGNALS:  # before the lock: a signal from then on is never lost
             previous[sig] = signal.signal(sig, request_stop)
+        if job.global_rank == 0:
+            if not acquire_lock(cell_dir, me):
+                return "skipped"
+            (cell_dir / FAILED_FILE).unlink(missing_ok=True)
         try:
             run_cell(self.plan, self.task, self.protocol, self.seed, stop_requested=stop.is_set)
         except TrainingStopped as stopped:
