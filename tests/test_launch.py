@@ -141,12 +141,12 @@ def test_local_launcher_two_in_parallel_equals_the_serial_run(synthetic_root, tm
 def test_signals_mid_training_requeue_and_resume_to_the_same_weights(synthetic_root, tmp_path):
     """SIGUSR1, then SIGTERM after the requeue: each stops training at a step boundary with a checkpoint,
     submitit's checkpoint hook requeues the job, and the final weights and metrics equal an uninterrupted run's."""
-    cards = tiny_cards(tmp_path / "tasks", iterations=8, checkpoint_period=100)
+    cards = tiny_cards(tmp_path / "tasks", iterations=6, checkpoint_period=100)
     out, ref = tmp_path / "preempted", tmp_path / "reference"
-    args = eval_args(synthetic_root, out, "voc", "finetune")
+    args = eval_args(synthetic_root, out, "voc", "frozen")
     job = subprocess.Popen([sys.executable, "-m", "harness", *map(str, args), "--launcher", "local"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=harness_env(cards))
-    lock = out / "voc" / "finetune" / "seed0" / "lock.json"
+    lock = out / "voc" / "frozen" / "seed0" / "lock.json"
 
     def pid():
         try:
@@ -160,14 +160,14 @@ def test_signals_mid_training_requeue_and_resume_to_the_same_weights(synthetic_r
     os.kill(second, signal.SIGTERM)
     stdout, _ = job.communicate(timeout=1200)
     assert job.returncode == 0, stdout[-3000:]
-    log = Path(json.loads((out / "launch.json").read_text())["cells"]["voc/finetune/seed0"]["log"]).read_text()
+    log = Path(json.loads((out / "launch.json").read_text())["cells"]["voc/frozen/seed0"]["log"]).read_text()
     assert "caught SIGUSR1" in log and "caught SIGTERM" in log and log.count("Requeued job") == 2
     stops = [int(line.split("stopped at iteration ")[1].split(",")[0]) for line in log.splitlines()
              if "stopped at iteration" in line]
-    assert len(stops) == 2 and 0 < stops[0] <= stops[1] < 8
-    serial = harness(*eval_args(synthetic_root, ref, "voc", "finetune"), env=harness_env(cards, cpu_threads(1)))
+    assert len(stops) == 2 and 0 < stops[0] <= stops[1] < 6
+    serial = harness(*eval_args(synthetic_root, ref, "voc", "frozen"), env=harness_env(cards, cpu_threads(1)))
     assert serial.returncode == 0, serial.stderr[-3000:]
-    run, uninterrupted = out / "voc/finetune/seed0", ref / "voc/finetune/seed0"
+    run, uninterrupted = out / "voc/frozen/seed0", ref / "voc/frozen/seed0"
     mine, theirs = (torch.load(p / "checkpoint.pt", weights_only=True)["model"] for p in (run, uninterrupted))
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert json.loads((run / "result.json").read_text())["metrics"] == json.loads((uninterrupted / "result.json").read_text())["metrics"]
