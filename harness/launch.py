@@ -446,19 +446,19 @@ def launch(plan: EvalPlan, opts: LaunchOptions) -> list[dict]:
 
 
 def _previous(plan: EvalPlan, launcher: str) -> dict:
+    """launch.json of an earlier launch into the same folder (its jobs), now with this plan; a cell made
+    with another card, profile or backbone is refused by the cell itself, as in-process."""
     path = Path(plan.out) / LAUNCH_FILE
     record = _read_json(path)
     if record is None:
         return {"launcher": launcher, "plan": _plan_record(plan), "cells": {}}
-    if plan_of(record) != dataclasses.replace(plan, progress=record["plan"].get("progress", plan.progress)):
-        raise HarnessError(f"{path} records another eval (backbone, tasks, protocols, profile, seeds, data or "
-                           "batch); use another --out")
     if record.get("launcher") != launcher:
-        live = [c for c in cell_states(plan, record) if c.state in ("pending", "running")]
+        live = [c for c in cell_states(plan_of(record), record) if c.state in ("pending", "running")]
         if live:
             raise HarnessError(f"{len(live)} cell(s) of {plan.out} still run under --launcher {record['launcher']}; "
                                "wait for them or cancel them first")
-        record = {"launcher": launcher, "plan": _plan_record(plan), "cells": {}}
+        record = {"launcher": launcher, "cells": {}}
+    record["plan"] = _plan_record(plan)
     return record
 
 

@@ -112,6 +112,29 @@ def test_stale_lock_is_taken_over_and_a_live_one_is_respected(tmp_path, capsys):
     assert json.loads((cell / "lock.json").read_text())["job_id"] == "42"
 
 
+def test_train_stops_on_request_with_a_checkpoint_and_resumes_to_the_same_weights(tmp_path):
+    from test_engine import Toy, ToyData, _cfg
+
+    from harness.engine import TrainingStopped, train
+
+    def fresh():
+        torch.manual_seed(0)
+        return Toy()
+
+    whole = fresh()
+    train(whole, ToyData(), _cfg(), tmp_path / "whole", progress=False)
+    polls = []
+    stopped = fresh()
+    with pytest.raises(TrainingStopped) as info:
+        train(stopped, ToyData(), _cfg(), tmp_path / "stopped", progress=False,
+              stop_requested=lambda: polls.append(1) or len(polls) >= 2)
+    assert info.value.iteration == 2 and len(polls) == 2  # checked once per step, stopped after the 2nd
+    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["iteration"] == 2
+    resumed = fresh()
+    assert train(resumed, ToyData(), _cfg(), tmp_path / "stopped", progress=False).start_iteration == 2
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+
+
 # ----------------------------------------------------------------------------- local launcher
 @pytest.mark.slow
 def test_local_launcher_two_in_parallel_equals_the_serial_run(synthetic_root, tmp_path):
