@@ -332,13 +332,14 @@ def cell_states(plan: EvalPlan, record: dict | None) -> list[CellStatus]:
             out.append(CellStatus(cell, "done", job and job["job_id"], job and job.get("log")))
             continue
         if lock and job_alive(lock.get("launcher", "slurm"), str(lock["job_id"]), lock.get("host"), states):
-            out.append(CellStatus(cell, "running", str(lock["job_id"]), lock.get("log")))
+            queued = states.get(str(lock["job_id"])) in ("PENDING", "REQUEUED", "REQUEUE_HOLD")  # requeued
+            out.append(CellStatus(cell, "pending" if queued else "running", str(lock["job_id"]), lock.get("log")))
             continue
         failed = _read_json(folder / FAILED_FILE)
         if job is not None:
             alive = job_alive(launcher, job["job_id"], job.get("host"), states)
             if alive:
-                queued = launcher == "slurm" and states.get(job["job_id"]) == "PENDING"
+                queued = launcher == "slurm" and states.get(job["job_id"]) in ("PENDING", "REQUEUED", "REQUEUE_HOLD")
                 out.append(CellStatus(cell, "pending" if queued else "running", job["job_id"], job.get("log")))
                 continue
             error = failed["error"] if failed and failed.get("job_id") == job["job_id"] else "job ended without a result"
