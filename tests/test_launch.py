@@ -145,7 +145,7 @@ def test_local_launcher_two_in_parallel_equals_the_serial_run(synthetic_root, tm
     local = harness(*eval_args(synthetic_root, tmp_path / "local", "voc,seg", seeds=2), "--launcher", "local",
                     "--max-parallel", "2", env=harness_env(cards))
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
-    assert f"started as local job" in local.stdout and f"on {threads} thread(s)" in local.stdout
+    assert "started as local job" in local.stdout and f"on {threads} thread(s)" in local.stdout
     assert "2 running" in local.stdout  # two cells ran at the same time
     assert json.loads((tmp_path / "local/results.json").read_text()) == json.loads((tmp_path / "serial/results.json").read_text())
     assert local.stdout.split("4 done\n")[-1].split("results:")[0] == serial.stdout.split("results:")[0]
@@ -243,12 +243,12 @@ def test_slurm_array_runs_status_resubmits_the_failed_cell_and_collects(syntheti
     assert status.returncode == 0, status.stderr
     log = out / "jobs" / "1000_1_0_log.out"
     assert "voc/frozen/seed0  done    1000_0" in status.stdout and "1 done, 1 failed" in status.stdout
-    assert f"voc/frozen/seed1 failed in job 1000_1: HarnessError: cannot read the training checkpoint" in status.stdout
+    assert "voc/frozen/seed1 failed in job 1000_1: HarnessError: cannot read the training checkpoint" in status.stdout
     assert f"(log: {log})" in status.stdout and "cannot read the training checkpoint" in log.read_text()
     broken.unlink()
     second = harness(*cmd, "--wait", env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"voc/frozen/seed1: failed in job 1000_1" in second.stdout and f"resubmitting (log: {log})" in second.stdout
+    assert "voc/frozen/seed1: failed in job 1000_1" in second.stdout and f"resubmitting (log: {log})" in second.stdout
     assert "submitted 1 cell(s) as SLURM job 1001: 1001" in second.stdout
     assert "#SBATCH --array" not in (tmp_path / "slurm" / "submitted_1001.sh").read_text()
     assert "2 done" in second.stdout and "mAP@[.5,.95]" in second.stdout
