@@ -34,7 +34,8 @@ def _csv(text: str) -> list[str]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from harness.runner import EvalPlan, format_table, run_eval
+    from harness.launch import LaunchOptions, launch
+    from harness.runner import EvalPlan, format_table
 
     plan = EvalPlan(
         backbone=args.backbone, arch=args.arch, tasks=_csv(args.tasks), protocols=_csv(args.protocols),
@@ -43,11 +44,48 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         workers=args.workers, progress=not args.no_progress, accumulate=args.accumulate, precision=args.precision,
         dry_run=args.dry_run, checkpoint_options=_checkpoint_opts(args),
     )
-    rows = run_eval(plan)
+    opts = LaunchOptions(**{k: getattr(args, k) for k in (
+        "launcher", "max_parallel", "partition", "nodes", "gpus_per_node", "cpus_per_gpu", "mem", "time", "account",
+        "qos", "constraint", "signal_delay", "wait")})
+    rows = launch(plan, opts)
     if rows:  # rank 0
         print(format_table(rows))
         print(f"results: {plan.out / 'results.json'}")
     return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from harness.launch import show_status
+    from harness.runner import format_table
+
+    rows = show_status(Path(args.out), watch=args.watch, poll=args.poll)
+    if rows:  # every cell done: collected
+        print(format_table(rows))
+        print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the cells run (one job per task x protocol x seed)")
+    g.add_argument("--launcher", default="inprocess",
+                   help="inprocess (one after another in this process group; default), local (parallel jobs on "
+                   "this machine) or slurm (one job array)")
+    g.add_argument("--max-parallel", type=int, default=None,
+                   help="cells at once (local default: one per GPU, 1 on the CPU; slurm: the array's %%K)")
+    g.add_argument("--partition", default=None, help="SLURM partition (required for slurm)")
+    g.add_argument("--nodes", type=int, default=None, help="SLURM nodes per cell (default 1)")
+    g.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs (one process each) per node and cell (default: slurm 8, local 1)")
+    g.add_argument("--cpus-per-gpu", type=int, default=None, help="SLURM CPUs per GPU process (default 6)")
+    g.add_argument("--mem", default=None, help="SLURM memory per node, e.g. 64G")
+    g.add_argument("--time", default=None, help="time limit per job: 4h, 90m, 1-00:00:00 (slurm default 4h); "
+                   "a cell reaching it is checkpointed and requeued")
+    g.add_argument("--account", default=None, help="SLURM account")
+    g.add_argument("--qos", default=None, help="SLURM quality of service")
+    g.add_argument("--constraint", default=None, help="SLURM node constraint, e.g. a100")
+    g.add_argument("--signal-delay", type=int, default=None,
+                   help="seconds before the time limit at which a job checkpoints and requeues (default 120)")
+    g.add_argument("--wait", action="store_true", help="slurm: show a live table of the cells until all end")
 
 
 # ----------------------------------------------------------------------------- data
@@ -369,7 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-loading processes per training process (default: 4 on CUDA, 0 on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_checkpoint_args(p)
+    _add_launch_args(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("status", help="the cells of a launched eval: pending, running, done, failed; collects when done")
+    p.add_argument("--out", required=True, help="the eval's run folder")
+    p.add_argument("--watch", action="store_true", help="refresh until no cell is pending or running")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between refreshes with --watch")
+    p.set_defaults(func=_cmd_status)
 
     data = sub.add_parser("data", help="get the standard datasets, synthetic datasets, data-root checks")
     dsub = data.add_subparsers(dest="data_command", required=True)

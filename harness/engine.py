@@ -401,6 +401,19 @@ def _rewrite_metrics(path: Path, upto: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+class TrainingStopped(Exception):
+    """``train`` stopped early on request at ``iteration``, its checkpoint written (a rerun resumes)."""
+
+    def __init__(self, iteration: int, checkpoint: Path):
+        super().__init__(f"training stopped at iteration {iteration}; checkpoint {checkpoint}")
+        self.iteration, self.checkpoint = iteration, checkpoint
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (ranks must stop at the same step)."""
+    return all_reduce_mean(torch.tensor([float(flag)], device=device)).item() > 0
+
+
 # ----------------------------------------------------------------------------- train
 def train(
     model: nn.Module,
@@ -414,6 +427,7 @@ def train(
     desc: str = "train",
     identity: dict | None = None,
     groups: Sequence[int] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train ``model`` (in place; call ``apply_protocol`` first) on ``dataset`` for ``cfg.iterations``.
 
@@ -423,6 +437,8 @@ def train(
     A checkpoint made under other settings (schedule, seed, world size, dataset size, and what
     ``identity`` names: the runner passes task card, protocol, profile and backbone) is refused.
     ``groups`` (one id per dataset index) batches images of one group together (aspect ratio).
+    ``stop_requested()`` (e.g. set by a preemption signal) is polled after every step; when it is true on
+    any rank, every rank stops at that step, the checkpoint is written and ``TrainingStopped`` is raised.
     """
     env = env or current_env()
     device = env.device
@@ -551,7 +567,8 @@ def train(
                 precise_bn(net, DataLoader(loader.dataset, batch_sampler=batches, collate_fn=collate_pairs,
                                            num_workers=cfg.num_workers, generator=torch.Generator()),
                            device, autocast_dtype)
-            if it % cfg.checkpoint_period == 0 or it == cfg.iterations:
+            stop = stop_requested is not None and _any_rank(stop_requested(), device)
+            if it % cfg.checkpoint_period == 0 or it == cfg.iterations or stop:
                 rng = all_gather_object(_rng_state(device))
                 if env.is_main:
                     _atomic_save(
@@ -569,6 +586,8 @@ def train(
                         },
                         ckpt_path,
                     )
+            if stop and it < cfg.iterations:
+                raise TrainingStopped(it, ckpt_path)
     finally:
         bar.close()
         if log is not None:

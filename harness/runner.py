@@ -346,7 +346,7 @@ def dry_run_cell(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, b
 
 
 def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: Backbone, protocol: str,
-            seed: int, synthetic: bool, named: dict | None = None) -> Result:
+            seed: int, synthetic: bool, named: dict | None = None, stop_requested=None) -> Result:
     path = run_dir(plan.out, card.name, protocol, seed)
     done = _finished(path, card, base, plan.profile)
     if done is not None:
@@ -360,7 +360,7 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
                 "backbone": base.checkpoint["sha256"] or plan.backbone, "arch": base.arch}
     trained = train(model, data.train, cfg, path, augment=augment, env=env,
                     progress=plan.progress, desc=f"{card.name}/{protocol}/seed{seed}", identity=identity,
-                    groups=training_groups(card, plan.profile, data))
+                    groups=training_groups(card, plan.profile, data), stop_requested=stop_requested)
     records = predict(model, data.test, env=env, postprocess=postprocess_for(card, data.test), num_workers=workers,
                       precision=cfg.precision, progress=plan.progress, desc=f"{card.name} predict")
     result = None
@@ -412,8 +412,8 @@ def resolve_data_root(plan: EvalPlan, env: DistEnv) -> Path:
     return Path(root)
 
 
-def run_eval(plan: EvalPlan) -> list[dict]:
-    """Run every (task, protocol, seed) of the plan; returns the aggregated rows on rank 0, [] elsewhere."""
+def check_plan(plan: EvalPlan) -> list[TaskCard]:
+    """The plan's task cards, after checking its options (a user mistake is a one-line ``HarnessError``)."""
     for flag, names in (("--tasks", plan.tasks), ("--protocols", plan.protocols)):
         if not names:
             raise HarnessError(f"{flag} names nothing")
@@ -434,6 +434,12 @@ def run_eval(plan: EvalPlan) -> list[dict]:
         raise HarnessError("--seeds must be at least 1")
     if plan.workers is not None and plan.workers < 0:
         raise HarnessError("--workers must be 0 or more")
+    return cards
+
+
+def run_eval(plan: EvalPlan) -> list[dict]:
+    """Run every (task, protocol, seed) of the plan; returns the aggregated rows on rank 0, [] elsewhere."""
+    cards = check_plan(plan)
     env = init_distributed(plan.device)
     sync_bn = env.world_size > 1 and env.device.type == "cuda"
     for card in cards:
@@ -474,6 +480,44 @@ def run_eval(plan: EvalPlan) -> list[dict]:
         write_json_atomic(Path(plan.out) / "results.json", {"backbone": results[0].backbone.model_dump(mode="json"),
                                                             "synthetic": synthetic, "runs": rows})
     return rows if env.is_main else []
+
+
+def run_cell(plan: EvalPlan, task: str, protocol: str, seed: int, stop_requested=None) -> Result:
+    """Run one (task, protocol, seed) of the plan in this process group (a launched job's work);
+    ``stop_requested`` as for ``engine.train`` (a stop raises ``engine.TrainingStopped``)."""
+    card = task_card(task)
+    card.profile(plan.profile)
+    env = init_distributed(plan.device)
+    base, named = load_eval_backbone(plan.backbone, plan.arch, plan.checkpoint_options, progress=False)
+    root = resolve_data_root(plan, env)
+    synthetic = plan.synthetic or (root / MARKER).is_file()
+    data = task_data(card, root, plan.profile)
+    return run_one(plan, env, card, data, base, protocol, seed, synthetic, named, stop_requested=stop_requested)
+
+
+def collect(plan: EvalPlan) -> list[dict]:
+    """Aggregate the plan's finished cells into ``<out>/results.json`` as ``run_eval`` writes it; every
+    cell must be finished, under the plan's task cards and profile and with one backbone."""
+    results = []
+    for task in plan.tasks:
+        card = task_card(task)
+        for protocol in plan.protocols:
+            for seed in range(plan.seeds):
+                path = run_dir(plan.out, task, protocol, seed) / "result.json"
+                if not path.is_file():
+                    raise HarnessError(f"{path} is missing: {task}/{protocol}/seed{seed} has not finished")
+                result = read_result(path)
+                if (result.card_hash, result.profile) != (card.card_hash, plan.profile):
+                    raise HarnessError(f"{path} was made with another task card or profile; use another --out")
+                results.append(result)
+    made = {(r.backbone.sha256, r.backbone.arch) for r in results}
+    if len(made) > 1:
+        raise HarnessError(f"{plan.out} holds results of {len(made)} different backbones; use another --out")
+    rows = aggregate(results)
+    synthetic = any(r.dataset.synthetic for r in results)
+    write_json_atomic(Path(plan.out) / "results.json", {"backbone": results[0].backbone.model_dump(mode="json"),
+                                                        "synthetic": synthetic, "runs": rows})
+    return rows
 
 
 def format_table(rows: list[dict]) -> str:

@@ -1,0 +1,260 @@
+"""Cells of `harness eval` as jobs: local parallel runs, preemption and requeue, SLURM arrays through a
+fake sbatch, locks, and option errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import fake_slurm
+from harness.cards import cards_dir
+from harness.cli import main
+from harness.launch import acquire_lock, cpu_threads, parse_duration
+
+TINY = {"iterations": 3, "batch_size": 2, "lr": 0.01, "steps": [], "warmup_iters": 1, "train_images": 6,
+        "checkpoint_period": 2}
+
+
+def tiny_cards(folder: Path, **changes) -> Path:
+    """Copies of the real cards whose smoke profile runs a few iterations on 6 training images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in cards_dir().glob("*.yaml"):
+        card = yaml.safe_load(path.read_text())
+        smoke = card["profiles"]["smoke"]
+        smoke.update(TINY, **changes)
+        if smoke.get("schedule") == "poly":
+            smoke.pop("steps")
+        (folder / path.name).write_text(yaml.safe_dump(card))
+    return folder
+
+
+def harness_env(cards: Path, threads: int = 2, **extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HARNESS_TASKS": str(cards), **extra}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def harness(*args, env):
+    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=1200)
+
+
+def eval_args(root, out, tasks="voc", protocols="frozen", seeds=1):
+    return ["eval", "--backbone", "random:resnet18", "--tasks", tasks, "--protocols", protocols, "--profile", "smoke",
+            "--data-root", root, "--seeds", seeds, "--out", out, "--no-progress", "--device", "cpu"]
+
+
+def losses(run: Path) -> list[dict]:
+    """The loss curve of a run, without its timings."""
+    return [{k: v for k, v in json.loads(line).items() if k != "time"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for(predicate, timeout=900, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ----------------------------------------------------------------------------- options
+def test_durations():
+    assert [parse_duration(t) for t in ("4h", "90m", "1h30m", "2d", "30s", "1-00:00:00", "2-12", "1:30:00", "5:30",
+                                        "45")] == [240, 90, 90, 2880, 1, 1440, 3600, 90, 6, 45]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--launcher", "slurm", "--partition", "p", "--nodes", "0"], "--nodes must be at least 1"),
+    (["--launcher", "slurm"], "--launcher slurm needs --partition"),
+    (["--launcher", "pbs"], "unknown launcher 'pbs': use inprocess, local, slurm"),
+    (["--launcher", "slurm", "--partition", "p", "--time", "4 hours"], "--time '4 hours' is not a duration"),
+    (["--launcher", "slurm", "--partition", "p", "--time", "1h", "--mem", "lots"], "--mem 'lots' is not"),
+    (["--launcher", "local", "--partition", "p"], "--partition only apply to --launcher slurm"),
+    (["--max-parallel", "2"], "--max-parallel need --launcher local or slurm"),
+])
+def test_bad_launch_options_are_one_line_errors_and_submit_nothing(args, message, tmp_path, monkeypatch, capsys):
+    for key, value in fake_slurm.install(tmp_path / "bin", tmp_path / "slurm").items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "run"
+    code = main(["eval", "--backbone", "random:resnet18", "--tasks", "voc", "--synthetic", "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "slurm").exists()  # nothing written, sbatch never called
+
+
+def test_stale_lock_is_taken_over_and_a_live_one_is_respected(tmp_path, capsys):
+    cell = tmp_path / "voc" / "frozen" / "seed0"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    me = {"launcher": "local", "job_id": "42", "host": socket.gethostname(), "pid": os.getpid(), "log": "x.log"}
+    cell.mkdir(parents=True)
+    (cell / "lock.json").write_text(json.dumps({**me, "job_id": dead.stdout.strip()}))
+    assert acquire_lock(cell, me)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"{cell}: stale lock of job {dead.stdout.strip()} (no longer running) taken over by job 42"]
+    assert json.loads((cell / "lock.json").read_text())["job_id"] == "42"
+    other = {**me, "job_id": "43"}
+    assert not acquire_lock(cell, other)  # job 42 is this (live) process
+    assert "locked by live job 42, skipped" in capsys.readouterr().out
+    assert json.loads((cell / "lock.json").read_text())["job_id"] == "42"
+
+
+def test_train_stops_on_request_with_a_checkpoint_and_resumes_to_the_same_weights(tmp_path):
+    from test_engine import Toy, ToyData, _cfg
+
+    from harness.engine import TrainingStopped, train
+
+    def fresh():
+        torch.manual_seed(0)
+        return Toy()
+
+    whole = fresh()
+    train(whole, ToyData(), _cfg(), tmp_path / "whole", progress=False)
+    polls = []
+    stopped = fresh()
+    with pytest.raises(TrainingStopped) as info:
+        train(stopped, ToyData(), _cfg(), tmp_path / "stopped", progress=False,
+              stop_requested=lambda: polls.append(1) or len(polls) >= 2)
+    assert info.value.iteration == 2 and len(polls) == 2  # checked once per step, stopped after the 2nd
+    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["iteration"] == 2
+    resumed = fresh()
+    assert train(resumed, ToyData(), _cfg(), tmp_path / "stopped", progress=False).start_iteration == 2
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------- local launcher
+@pytest.mark.slow
+def test_local_launcher_two_in_parallel_equals_the_serial_run(synthetic_root, tmp_path):
+    cards = tiny_cards(tmp_path / "tasks")
+    threads = cpu_threads(2)  # each of 2 parallel cells gets this share of the cores; the serial run the same
+    serial = harness(*eval_args(synthetic_root, tmp_path / "serial", "voc,seg", seeds=2), env=harness_env(cards, threads))
+    assert serial.returncode == 0, serial.stderr[-3000:]
+    local = harness(*eval_args(synthetic_root, tmp_path / "local", "voc,seg", seeds=2), "--launcher", "local",
+                    "--max-parallel", "2", env=harness_env(cards))
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    assert "started as local job" in local.stdout and f"on {threads} thread(s)" in local.stdout
+    assert "2 running" in local.stdout  # two cells ran at the same time
+    assert json.loads((tmp_path / "local/results.json").read_text()) == json.loads((tmp_path / "serial/results.json").read_text())
+    assert local.stdout.split("4 done\n")[-1].split("results:")[0] == serial.stdout.split("results:")[0]
+    for task in ("voc", "seg"):
+        for seed in (0, 1):
+            a, b = tmp_path / "local" / task / "frozen" / f"seed{seed}", tmp_path / "serial" / task / "frozen" / f"seed{seed}"
+            assert losses(a) == losses(b)
+            assert json.loads((a / "result.json").read_text())["metrics"] == json.loads((b / "result.json").read_text())["metrics"]
+            assert not (a / "lock.json").exists()
+    again = harness(*eval_args(synthetic_root, tmp_path / "local", "voc,seg", seeds=2), "--launcher", "local",
+                    "--max-parallel", "2", env=harness_env(cards))
+    assert again.returncode == 0 and "started as local job" not in again.stdout and "4 done" in again.stdout
+
+
+@pytest.mark.slow
+def test_signals_mid_training_requeue_and_resume_to_the_same_weights(synthetic_root, tmp_path):
+    """SIGUSR1, then SIGTERM after the requeue: each stops training at a step boundary with a checkpoint,
+    submitit's checkpoint hook requeues the job, and the final weights and metrics equal an uninterrupted run's."""
+    cards = tiny_cards(tmp_path / "tasks", iterations=6, checkpoint_period=100)
+    out, ref = tmp_path / "preempted", tmp_path / "reference"
+    args = eval_args(synthetic_root, out, "voc", "frozen")
+    job = subprocess.Popen([sys.executable, "-m", "harness", *map(str, args), "--launcher", "local"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=harness_env(cards))
+    lock = out / "voc" / "frozen" / "seed0" / "lock.json"
+
+    def pid():
+        try:
+            return json.loads(lock.read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    first = wait_for(pid, what="the cell's lock")
+    os.kill(first, signal.SIGUSR1)
+    second = wait_for(lambda: (p := pid()) not in (None, first) and p, what="the requeued job")
+    os.kill(second, signal.SIGTERM)
+    stdout, _ = job.communicate(timeout=1200)
+    assert job.returncode == 0, stdout[-3000:]
+    log = Path(json.loads((out / "launch.json").read_text())["cells"]["voc/frozen/seed0"]["log"]).read_text()
+    assert "caught SIGUSR1" in log and "caught SIGTERM" in log and log.count("Requeued job") == 2
+    stops = [int(line.split("stopped at iteration ")[1].split(",")[0]) for line in log.splitlines()
+             if "stopped at iteration" in line]
+    assert len(stops) == 2 and 0 < stops[0] <= stops[1] < 6
+    serial = harness(*eval_args(synthetic_root, ref, "voc", "frozen"), env=harness_env(cards, cpu_threads(1)))
+    assert serial.returncode == 0, serial.stderr[-3000:]
+    run, uninterrupted = out / "voc/frozen/seed0", ref / "voc/frozen/seed0"
+    mine, theirs = (torch.load(p / "checkpoint.pt", weights_only=True)["model"] for p in (run, uninterrupted))
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert json.loads((run / "result.json").read_text())["metrics"] == json.loads((uninterrupted / "result.json").read_text())["metrics"]
+    assert losses(run) == losses(uninterrupted)
+
+
+# ----------------------------------------------------------------------------- slurm through a fake sbatch
+def test_slurm_script_array_resources_signal_and_requeue(tmp_path, monkeypatch, capsys):
+    for key, value in fake_slurm.install(tmp_path / "bin", tmp_path / "slurm").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FAKE_SLURM_RUN", "0")  # record the script, run nothing
+    out = tmp_path / "run"
+    cmd = ["eval", "--backbone", "random:resnet18", "--tasks", "voc,seg", "--protocols", "frozen", "--profile", "smoke",
+           "--synthetic", "--seeds", "2", "--out", str(out), "--launcher", "slurm", "--partition", "gpu",
+           "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-gpu", "8", "--mem", "64G", "--time", "1-00:00:00",
+           "--max-parallel", "3", "--signal-delay", "300", "--account", "acc", "--qos", "high", "--constraint", "a100"]
+    assert main(cmd) == 0
+    printed = capsys.readouterr().out
+    assert "submitted 4 cell(s) as SLURM job 1000: 1000_0, 1000_1, 1000_2, 1000_3" in printed
+    script = (tmp_path / "slurm" / "submitted_1000.sh").read_text().splitlines()
+    for line in ("--array=0-3%3", "--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=8",
+                 "--mem=64G", "--time=1440", "--signal=USR2@300", "--requeue", "--partition=gpu", "--account=acc",
+                 "--qos=high", "--constraint=a100"):
+        assert f"#SBATCH {line}" in script, line
+    assert any(line.startswith("srun ") and "submitit.core._submit" in line for line in script)
+    assert "4 pending" in printed and f"seg/frozen/seed1  pending  1000_3  {out / 'jobs' / '1000_3_0_log.out'}" in printed
+    assert main(cmd) == 0  # queued cells are not submitted twice
+    printed = capsys.readouterr().out
+    assert "submitted" not in printed and "4 pending" in printed
+    assert sorted(p.name for p in (tmp_path / "slurm").glob("submitted_*")) == ["submitted_1000.sh"]
+    assert main(["status", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 pending" in printed and "results.json" not in printed
+
+
+@pytest.mark.slow
+def test_slurm_array_runs_status_resubmits_the_failed_cell_and_collects(synthetic_root, tmp_path):
+    env = harness_env(tiny_cards(tmp_path / "tasks"), **fake_slurm.install(tmp_path / "bin", tmp_path / "slurm"))
+    out = tmp_path / "run"
+    cmd = [*eval_args(synthetic_root, out, "voc", seeds=2), "--launcher", "slurm", "--partition", "cpu",
+           "--gpus-per-node", "0", "--time", "90m"]
+    broken = out / "voc" / "frozen" / "seed1" / "checkpoint.pt"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("not a checkpoint")  # this cell fails
+    first = harness(*cmd, env=env)
+    assert first.returncode == 0 and "submitted 2 cell(s) as SLURM job 1000" in first.stdout, first.stderr[-3000:]
+    wait_for(lambda: all(s in ("COMPLETED", "FAILED") for s in fake_slurm.jobs(tmp_path / "slurm").values()),
+             what="the array")
+    status = harness("status", "--out", out, env=env)
+    assert status.returncode == 0, status.stderr
+    log = out / "jobs" / "1000_1_0_log.out"
+    assert "voc/frozen/seed0  done    1000_0" in status.stdout and "1 done, 1 failed" in status.stdout
+    assert "voc/frozen/seed1 failed in job 1000_1: HarnessError: cannot read the training checkpoint" in status.stdout
+    assert f"(log: {log})" in status.stdout and "cannot read the training checkpoint" in log.read_text()
+    broken.unlink()
+    second = harness(*cmd, "--wait", env=env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "voc/frozen/seed1: failed in job 1000_1" in second.stdout and f"resubmitting (log: {log})" in second.stdout
+    assert "submitted 1 cell(s) as SLURM job 1001: 1001" in second.stdout
+    assert "#SBATCH --array" not in (tmp_path / "slurm" / "submitted_1001.sh").read_text()
+    assert "2 done" in second.stdout and "mAP@[.5,.95]" in second.stdout
+    summary = json.loads((out / "results.json").read_text())
+    ap50 = [json.loads((out / "voc/frozen" / f"seed{s}/result.json").read_text())["metrics"]["AP50"] for s in (0, 1)]
+    assert summary["runs"][0]["metrics"]["AP50"]["values"] == ap50 and summary["synthetic"] is True
+    third = harness(*cmd, env=env)  # finished cells are never submitted again; the status collects
+    assert third.returncode == 0 and "submitted" not in third.stdout and "mAP@[.5,.95]" in third.stdout
+    assert sorted(p.name for p in (tmp_path / "slurm").glob("submitted_*")) == ["submitted_1000.sh", "submitted_1001.sh"]
