@@ -93,11 +93,19 @@ def build_keypoint_model(
         box_batch_size_per_image=box_batch_size_per_image,
         keypoint_roi_pool=MultiScaleRoIAlign(names, output_size=keypoint_pool_size, sampling_ratio=2),
         keypoint_head=keypoint_head,
-        keypoint_predictor=KeypointRCNNPredictor(keypoint_head_channels, num_keypoints),
+        keypoint_predictor=ContiguousKeypointPredictor(keypoint_head_channels, num_keypoints),
     )
     model.transform = make_transform(min_size, max_size, test_min_size)
     model.head_type = "keypoint_fpn"
     return model
+
+
+class ContiguousKeypointPredictor(KeypointRCNNPredictor):
+    """torchvision's keypoint predictor with contiguous heatmaps: its keypoint loss ``view``s them,
+    which fails on channels_last tensors (found by bench/gpu_check.py). Same parameters and values."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).contiguous()
 
 
 def hflip_keypoints(image: Tensor, target: dict, flip_index: Sequence[int] = COCO_KEYPOINT_FLIP) -> tuple[Tensor, dict]:
