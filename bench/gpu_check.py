@@ -17,7 +17,7 @@ Data: `harness data synth` images with 480..640 px sides. Writes a table and a J
 per card x setting. Aimed at finishing within 8 minutes on one H100 (about 30 settings of a few
 steps each; not yet run on one).
 
---tiny runs on the CPU: tiny images (64..96 px, short side 64), ResNet-18, 1 warm-up and 1 timed
+--tiny runs on the CPU with one torch thread: tiny images (64..96 px, short side 64), ResNet-18, 1 warm-up and 1 timed
 step, 2 prediction images, fp32 and bf16 autocast (the engine autocasts on CUDA only, so on the CPU both sides run
 inside the same outer torch.autocast), channels_last on and off.
 """
@@ -151,6 +151,8 @@ def predict_rate(model, test, device, prec: str, images: int) -> float:
 
 def check(args) -> dict:
     device = torch.device("cpu" if args.tiny else "cuda")
+    if args.tiny:
+        torch.set_num_threads(1)  # on a shared CPU, two threads made each tiny step 6x slower
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device; use --tiny for the CPU check")
     tasks = args.tasks or list(all_cards())
