@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # about 2 minutes on a quiet 2-core machine; 12 on the loaded one
+@pytest.mark.timeout(1800)  # 12 minutes on the loaded 2-core development machine
 def test_gpu_check_tiny_writes_a_positive_row_per_card_and_setting(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
