@@ -1,11 +1,14 @@
-"""Scoring a COCO-sized detection file: harness vs pycocotools, end to end (loading included).
+"""Scoring a COCO-sized detection file: harness vs faster-coco-eval vs pycocotools, end to end (loading included).
 
-    python bench/bench_coco_score.py [--images 5000] [--dets-per-image 100] [--seed 0]
+    python bench/bench_coco_score.py [--images 5000] [--dets-per-image 100] [--seed 0] [--rounds 3] [--profile]
 
 Generates 5,000 images with 80 categories (COCO's non-contiguous ids) and about 7 objects per
-image, and 100 detections per image; writes both as JSON; then times, in one process,
-`harness.score.score_files("coco", ...)` and pycocotools' COCO + loadRes + COCOeval from the same
-files. Prints both times, their ratio, and checks that the 12 stats are identical.
+image, and 100 detections per image; writes both as JSON; then times, in one process and from the
+same files, `harness.score.score_files("coco", ...)` (validation included) and faster-coco-eval's
+own COCO(path) + loadRes(path) + COCOeval_faster: after an untimed warm-up of each, `--rounds`
+rounds in alternating order; then pycocotools' COCO + loadRes + COCOeval once. Prints the times,
+the ratios, and checks that the 12 stats are identical. `--profile` prints a cProfile of one
+harness run (cumulative time) instead.
 """
 
 from __future__ import annotations
@@ -71,6 +74,18 @@ def run_pycocotools(gt_path: Path, pred_path: Path) -> list[float]:
     return [float(s) for s in ev.stats]
 
 
+def run_faster_coco_eval(gt_path: Path, pred_path: Path) -> list[float]:
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    gt = COCO(str(gt_path))
+    dt = gt.loadRes(str(pred_path))
+    ev = COCOeval_faster(gt, dt, "bbox", print_function=lambda *a, **k: None)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return [float(s) for s in ev.stats][:12]
+
+
 def run_harness(gt_path: Path, pred_path: Path) -> list[float]:
     from harness.metrics.coco import BOX_METRICS
     from harness.score import score_files
@@ -84,6 +99,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--dets-per-image", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="cProfile one harness run instead of timing")
     args = parser.parse_args()
     gt, preds = make_case(args.images, args.dets_per_image, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,17 +109,36 @@ def main() -> None:
         pred_path.write_text(json.dumps(preds))
         print(f"case: {len(gt['images'])} images, {len(gt['categories'])} categories, "
               f"{len(gt['annotations'])} objects, {len(preds)} detections")
-        t0 = time.perf_counter()
-        ours = run_harness(gt_path, pred_path)
-        t1 = time.perf_counter()
+        del gt, preds
+        if args.profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.runcall(run_harness, gt_path, pred_path)
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+            return
+        sides = {"harness score": run_harness, "faster-coco-eval": run_faster_coco_eval}
+        stats = {name: run(gt_path, pred_path) for name, run in sides.items()}  # warm-up, untimed
+        totals = dict.fromkeys(sides, 0.0)
+        for r in range(args.rounds):  # the order alternates, so neither side always goes first
+            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                began = time.perf_counter()
+                stats[name] = sides[name](gt_path, pred_path)
+                totals[name] += time.perf_counter() - began
+        began = time.perf_counter()
         ref = run_pycocotools(gt_path, pred_path)
-        t2 = time.perf_counter()
-    diff = max(abs(a - b) for a, b in zip(ours, ref))
-    print(f"harness score: {t1 - t0:7.2f} s")
-    print(f"pycocotools:   {t2 - t1:7.2f} s")
-    print(f"speed-up:      {(t2 - t1) / (t1 - t0):7.2f}x   max |stat diff| = {diff:.2e}   AP = {100 * ref[0]:.3f}")
-    if diff > 1e-6:
-        raise SystemExit("stats differ from pycocotools")
+        totals["pycocotools"] = (time.perf_counter() - began) * args.rounds
+    for name, seconds in totals.items():
+        print(f"{name:<18} {seconds / args.rounds:7.2f} s" + ("  (one run)" if name == "pycocotools" else f"  (mean of {args.rounds})"))
+    harness = totals["harness score"]
+    print(f"harness speed vs faster-coco-eval: {totals['faster-coco-eval'] / harness:5.2f}x   "
+          f"vs pycocotools: {totals['pycocotools'] / harness:5.2f}x")
+    for name, ours in stats.items():
+        diff = max(abs(a - b) for a, b in zip(ours, ref))
+        print(f"{name}: max |stat diff| vs pycocotools = {diff:.2e}   AP = {100 * ours[0]:.3f}")
+        if diff > 1e-6:
+            raise SystemExit(f"{name}: stats differ from pycocotools")
 
 
 if __name__ == "__main__":

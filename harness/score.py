@@ -28,8 +28,8 @@ def score_files(task: str, gt: str | Path, pred: str | Path, split: str | None =
         gt_data = load_coco_gt(gt)
         preds = read_json(pred, "prediction file")
         if task == "coco":
-            return coco_box_metrics(gt_data, preds, source=str(pred))
-        return coco_keypoint_metrics(gt_data, preds, source=str(pred))
+            return coco_box_metrics(gt_data, preds, source=str(pred), owned=True)
+        return coco_keypoint_metrics(gt_data, preds, source=str(pred), owned=True)
     if split is None:
         raise HarnessError(f"--split is required for --task {task} (e.g. {'test' if task == 'voc' else 'val'})")
     if not Path(gt).is_dir():

@@ -184,3 +184,92 @@ def test_bad_predictions_name_the_first_offending_entry(mutate, message):
     with pytest.raises(HarnessError, match="entry 5") as err:
         coco_box_metrics(gt, preds, source="dets.json")
     assert message in str(err.value) and str(err.value).startswith("dets.json: ")
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda ps, i: ps.__setitem__(i, [1, 2, 3]), "is not an object"),
+        (lambda ps, i: ps[i].pop("image_id"), "has no 'image_id'"),
+        (lambda ps, i: ps[i].pop("category_id"), "has no 'category_id'"),
+        (lambda ps, i: ps[i].pop("bbox"), "has no 'bbox'"),
+        (lambda ps, i: ps[i].__setitem__("image_id", [1]), "names image_id [1], which is not in the ground truth"),
+        (lambda ps, i: ps[i].__setitem__("image_id", str(ps[i]["image_id"])), "which is not in the ground truth"),
+        (lambda ps, i: ps[i].__setitem__("bbox", {"x": 1}), "bbox is not [x, y, w, h]"),
+        (lambda ps, i: ps[i].__setitem__("bbox", [1, 2, 3, 4, 5]), "bbox is not [x, y, w, h]"),
+        (lambda ps, i: ps[i].__setitem__("score", float("inf")), "NaN or infinite 'score'"),
+        (lambda ps, i: ps[i].__setitem__("score", "high"), "non-numeric 'score'"),
+        (lambda ps, i: ps[i]["bbox"].__setitem__(0, float("-inf")), "NaN or infinite 'bbox'"),
+        (lambda ps, i: ps[i]["bbox"].__setitem__(3, -0.5), "negative-size bbox"),
+    ],
+)
+def test_every_bad_entry_is_named_even_when_later_entries_are_bad_too(mutate, message):
+    rng = np.random.default_rng(11)
+    gt = random_gt(rng)
+    preds = random_preds(rng, gt)
+    assert len(preds) > 40
+    mutate(preds, 40)  # a later entry of the same kind must not be named instead
+    mutate(preds, 7)
+    with pytest.raises(HarnessError, match="entry 7 ") as err:
+        coco_box_metrics(gt, preds, source="dets.json")
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("dets.json: ") and message in line
+
+
+def test_bad_keypoint_entries_are_named():
+    rng = np.random.default_rng(5)
+    gt = random_gt(rng, keypoints=True)
+    preds = random_preds(rng, gt, keypoints=True)
+    preds[3]["keypoints"] = preds[3]["keypoints"][:-3]
+    with pytest.raises(HarnessError, match=r"entry 3 .*keypoints is not 51 numbers"):
+        coco_keypoint_metrics(gt, preds, source="kps.json")
+    preds = random_preds(np.random.default_rng(5), gt, keypoints=True)
+    preds[4]["keypoints"][10] = float("nan")
+    with pytest.raises(HarnessError, match=r"entry 4 .*NaN or infinite 'keypoints'"):
+        coco_keypoint_metrics(gt, preds, source="kps.json")
+
+
+def test_scoring_in_memory_leaves_the_callers_predictions_unchanged():
+    rng = np.random.default_rng(2)
+    gt = random_gt(rng)
+    preds = random_preds(rng, gt)
+    before = copy.deepcopy(preds)
+    coco_box_metrics(gt, preds)
+    assert preds == before
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_scoring_files_equals_pycocotools_and_leaves_the_collector_on(tmp_path, seed):
+    import gc
+
+    from harness.score import score_files
+
+    rng = np.random.default_rng(100 + seed)
+    gt = random_gt(rng, n_images=60)
+    preds = random_preds(rng, gt)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dets.json").write_text(json.dumps(preds))
+    ours = score_files("coco", gt=tmp_path / "gt.json", pred=tmp_path / "dets.json")
+    assert_equal_to_pycocotools(ours, pycocotools_stats(gt, preds, "bbox"), BOX_METRICS)
+    assert gc.isenabled()
+
+
+def test_read_json_gives_what_pythons_json_gives(tmp_path):
+    from harness.datasets.coco import read_json
+
+    cases = {
+        "floats.json": json.dumps([{"score": 0.1 + 0.2, "bbox": [1e-7, 123456.789, 3, 4.5]}]),
+        "nan.json": '[{"score": NaN, "x": Infinity}]',  # orjson refuses these literals; json reads them
+        "bigint.json": '[{"image_id": 123456789012345678901234567890}]',  # orjson: a float
+        "negint.json": '[{"image_id": -9999999999999999999, "id": 18446744073709551615}]',
+        "bom.json": "\ufeff" + json.dumps({"a": [1, 2]}),
+    }
+    for name, text in cases.items():
+        path = tmp_path / name
+        path.write_bytes(text.encode())
+        expected = json.loads(path.read_bytes())
+        got = read_json(path)
+        assert json.dumps(got) == json.dumps(expected), name
+    (tmp_path / "bad.json").write_text('[{"image_id": 7,')
+    with pytest.raises(HarnessError, match="bad.json: not valid JSON"):
+        read_json(tmp_path / "bad.json")

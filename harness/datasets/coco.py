@@ -10,22 +10,48 @@ import json
 from pathlib import Path
 
 import numpy as np
+import orjson
 import torch
 
 from harness.datasets.images import read_image
 from harness.errors import HarnessError
+from harness.gcpause import gc_paused
+
+
+def _has_digit_run(data: bytes, n: int = 19) -> bool:
+    """True when ``data`` holds ``n`` or more consecutive ASCII digits (a vectorised scan)."""
+    run = (np.frombuffer(data, np.uint8) - np.uint8(48)) < 10
+    width = 1
+    while width * 2 <= n:  # run[i]: data[i:i + 2 * width] are all digits
+        run = run[:-width] & run[width:]
+        width *= 2
+    if width < n:
+        run = run[: -(n - width)] & run[n - width:]
+    return bool(run.any())
 
 
 def read_json(path: str | Path, what: str = "JSON file"):
-    """Read a JSON file; a missing or malformed file is a one-line HarnessError naming it."""
+    """Read a JSON file; a missing or malformed file is a one-line HarnessError naming it.
+
+    orjson parses, several times faster than Python's json, with the same values, except where it
+    refuses a file Python's json reads (NaN/Infinity literals, a byte-order mark) or turns an
+    integer beyond 64 bits into a float: files with 19 or more digits in a row, and those orjson
+    refuses, are parsed by Python's json, so the values and the validators' messages stay as before.
+    """
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"{what} not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HarnessError(f"{path}: not valid JSON ({exc})") from None
+    data = path.read_bytes()
+    with gc_paused():
+        if not _has_digit_run(data):
+            try:
+                return orjson.loads(data)
+            except orjson.JSONDecodeError:
+                pass
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HarnessError(f"{path}: not valid JSON ({exc})") from None
 
 
 def validate_coco_gt(gt, source: str) -> dict:

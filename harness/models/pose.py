@@ -106,7 +106,7 @@ def build_keypoint_model(
         box_batch_size_per_image=box_batch_size_per_image,
         keypoint_roi_pool=RoIAlignV2(names, keypoint_pool_size, roi_align_sampling_ratio, roi_align_aligned),
         keypoint_head=keypoint_head,
-        keypoint_predictor=KeypointRCNNPredictor(keypoint_head_channels, num_keypoints),
+        keypoint_predictor=ContiguousKeypointPredictor(keypoint_head_channels, num_keypoints),
     )
     detectron2_heads(model, rpn_pre_nms_topk=(rpn_pre_nms_topk_train, rpn_pre_nms_topk_test),
                      rpn_post_nms_topk=(rpn_post_nms_topk_train, proposals_test),
@@ -114,6 +114,14 @@ def build_keypoint_model(
     model.transform = make_transform(min_size, max_size, test_min_size, pad_value=pad_colour(backbone))
     model.head_type = "keypoint_fpn"
     return model
+
+
+class ContiguousKeypointPredictor(KeypointRCNNPredictor):
+    """torchvision's keypoint predictor with contiguous heatmaps: its keypoint loss ``view``s them,
+    which fails on channels_last tensors (found by bench/gpu_check.py). Same parameters and values."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).contiguous()
 
 
 PIXEL_CENTRE = 0.5  # COCO keypoints are pixel indices; the model works in continuous coordinates

@@ -1,0 +1,157 @@
+"""Pretraining overhead: `harness.pretrain.pretrain` against a bare torchvision classification loop, same batches.
+
+    python bench/bench_pretrain.py [--rounds 3] [--steps 20] [--batch 32] [--image-size 64] [--shard-images 512] [--threads N]
+
+Data: `write_pretrain_synthetic` images (multi-label manifest, 20 classes) written at
+`--image-size` px. The harness side is the whole `harness pretrain` run for `--steps` iterations
+(opening the manifest, model build, the engine's data order, per-sample decode + random resized
+crop + flip, the sigmoid loss, metrics.jsonl, progress bar, checkpoint, the exported backbone, its
+sha256 and the JSON record) with `--workers 0`, i.e. decoding in the training process. The bare side
+is torchvision's resnet18 with a 20-way linear layer and the same loss, optimizer and learning rate
+on the same batches: the engine's shuffle and augmentation for the round's seed, decoded, cropped and
+normalized before its clock starts. After an untimed warm-up of each, `--rounds` rounds in
+alternating order in one process. Prints images/s of both and harness / bare.
+
+Then it writes the same images as WebDataset tar shards and prints images/s read from the local
+shards by one reader (`ShardStream` with one reader thread: tar read, shuffle buffer, JPEG decode,
+labels), with and without the pretraining augmentation, one torch thread (a loader process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DistributedSampler
+
+from harness.datasets.synthetic import write_pretrain_synthetic
+from harness.engine import sample_seed, seed_everything
+from harness.pretrain import PretrainAugment, PretrainConfig, open_pretrain_data, pretrain, write_shards
+
+
+def bare_batches(dataset, steps: int, batch: int, seed: int, augment) -> list:
+    """The engine's batches for ``seed`` (epoch-0 shuffle, per-sample crops and flips), normalized."""
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    sampler.set_epoch(0)
+    order = list(sampler)[: steps * batch]
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    samples = [augment(*dataset[i], torch.Generator().manual_seed(sample_seed(seed, 0, i))) for i in order]
+    return [(torch.stack([(im - mean) / std for im, _ in samples[s * batch:(s + 1) * batch]]),
+             torch.stack([t["labels"] for _, t in samples[s * batch:(s + 1) * batch]])) for s in range(steps)]
+
+
+def bare_steps(batches: list, classes: int, lr: float, seed: int) -> float:
+    """Seconds for plain SGD steps of torchvision's resnet18 on prepared batches."""
+    seed_everything(seed)
+    model = torchvision.models.resnet18(num_classes=classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    model.train()
+    began = time.perf_counter()
+    for images, labels in batches:
+        logits = model(images)
+        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / logits.shape[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - began
+
+
+def harness_run(manifest: Path, out: Path, steps: int, batch: int, lr: float, image_size: int,
+                seed: int) -> tuple[float, float]:
+    """Seconds of the whole `pretrain` call, and of its training loop alone (the per-iteration times in
+    metrics.jsonl: data, step, logging; without setup, the final checkpoint and the export)."""
+    cfg = PretrainConfig(data=str(manifest), arch="resnet18", out=str(out / f"r{seed}.safetensors"), iterations=steps,
+                         batch_size=batch, lr=lr, image_size=image_size, min_scale=0.35, seed=seed, workers=0,
+                         checkpoint_period=10**9, device="cpu", progress=True)
+    began = time.perf_counter()
+    record = pretrain(cfg)
+    total = time.perf_counter() - began
+    metrics = Path(record["training"]["work_dir"]) / "metrics.jsonl"
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(lines) == steps, "one metrics line per iteration expected"
+    return total, sum(line["time"] for line in lines)
+
+
+def shard_rate(pattern: str, augment: PretrainAugment | None, images: int) -> float:
+    """Images/s of one reader thread over local shards (tar read, shuffle buffer, decode, labels)."""
+    data = open_pretrain_data(pattern, workers=1, shuffle_buffer=100)
+    stream = data.dataset
+    try:
+        stream[0]  # start the reader, untimed
+        began = time.perf_counter()
+        for i in range(1, images + 1):
+            image, target = stream[i]
+            if augment is not None:
+                augment(image, target, torch.Generator().manual_seed(i))
+        return images / (time.perf_counter() - began)
+    finally:
+        stream.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=64, help="stored and trained image side")
+    parser.add_argument("--shard-images", type=int, default=512, help="images read in the shard measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the training comparison")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lr = 0.1 * args.batch / 256
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        manifest = write_pretrain_synthetic(tmp / "data", size=max(args.shard_images, args.steps * args.batch),
+                                            label_noise=0.0, image_size=args.image_size)
+        data = open_pretrain_data(str(manifest), workers=0)
+        augment = PretrainAugment(args.image_size, 0.35)
+        classes = len(data.classes)
+
+        loop = 0.0
+
+        def timed(name: str, r: int) -> float:
+            nonlocal loop
+            if name == "bare":
+                return bare_steps(bare_batches(data.dataset, args.steps, args.batch, r, augment), classes, lr, r)
+            total, in_loop = harness_run(manifest, tmp / "runs", args.steps, args.batch, lr, args.image_size, r)
+            loop += in_loop
+            return total
+
+        sides = ["bare", "harness"]
+        for name in sides:  # warm-up, untimed
+            timed(name, 100)
+        loop = 0.0
+        totals = dict.fromkeys(sides, 0.0)
+        for r in range(args.rounds):  # the order alternates, so neither side always goes first
+            for name in (sides if r % 2 == 0 else sides[::-1]):
+                totals[name] += timed(name, r)
+        images = args.rounds * args.steps * args.batch
+        print(f"CPU ({torch.get_num_threads()} threads), resnet18, {args.image_size} px, batch {args.batch}, "
+              f"{args.rounds} rounds x {args.steps} steps")
+        for name, seconds in totals.items():
+            print(f"{name:<8} {images / seconds:7.2f} images/s")
+        print(f"harness / bare throughput: {totals['bare'] / totals['harness']:.3f}   "
+              f"(training loop alone, from metrics.jsonl: {totals['bare'] / loop:.3f}; setup, final checkpoint "
+              f"and export: {(totals['harness'] - loop) / args.rounds:.1f} s per run)", flush=True)
+
+        records = [json.loads(line) for line in manifest.read_text().splitlines()]
+        write_shards(((f"{i:07d}", (manifest.parent / r["path"]).read_bytes(), "jpg", r["labels"])
+                      for i, r in enumerate(records)), str(tmp / "shards" / "data-%04d.tar"), per_shard=128)
+        pattern = str(tmp / "shards")  # the folder's *.tar
+        torch.set_num_threads(1)  # a loader process
+        n = args.shard_images
+        print(f"WebDataset shards ({len(records)} images, 128 per shard), one reader thread, 1 torch thread: "
+              f"{shard_rate(pattern, None, n):.0f} images/s read + decoded, "
+              f"{shard_rate(pattern, augment, n):.0f} images/s with the crop/flip")
+
+
+if __name__ == "__main__":
+    main()
