@@ -25,19 +25,24 @@ PROTOCOLS = ("finetune", "frozen")
 TASKS_ENV = "HARNESS_TASKS"
 
 
-def cards_dir() -> Path:
-    """$HARNESS_TASKS if set; else `tasks/` of the checkout (editable installs), else the copy
-    shipped inside the package."""
-    if os.environ.get(TASKS_ENV):
-        folder = Path(os.environ[TASKS_ENV])
+def card_folder(env: str, checkout: str, packaged: str, what: str) -> Path:
+    """``$env`` if set; else the checkout's top-level ``checkout`` folder (editable installs), else
+    the copy ``harness/packaged`` shipped inside the wheel."""
+    if os.environ.get(env):
+        folder = Path(os.environ[env])
         if not folder.is_dir():
-            raise HarnessError(f"{TASKS_ENV}={folder}: no such folder of task cards")
+            raise HarnessError(f"{env}={folder}: no such folder of {what}")
         return folder
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "tasks", here / "task_cards"):
+    for candidate in (here.parent / checkout, here / packaged):
         if candidate.is_dir():
             return candidate
-    raise HarnessError(f"no task cards found (looked in {here.parent / 'tasks'} and {here / 'task_cards'})")
+    raise HarnessError(f"no {what} found (looked in {here.parent / checkout} and {here / packaged})")
+
+
+def cards_dir() -> Path:
+    """The task cards: $HARNESS_TASKS, else `tasks/` of the checkout, else the wheel's copy."""
+    return card_folder(TASKS_ENV, "tasks", "task_cards", "task cards")
 
 
 GN_GROUPS = 32  # groups of head_norm gn: GroupNorm's default (Wu & He, ECCV 2018), as detectron2
@@ -262,16 +267,7 @@ BACKBONES_ENV = "HARNESS_BACKBONES"
 
 def backbone_cards_dir() -> Path:
     """$HARNESS_BACKBONES if set; else `backbones/` of the checkout, else the copy shipped in the package."""
-    if os.environ.get(BACKBONES_ENV):
-        folder = Path(os.environ[BACKBONES_ENV])
-        if not folder.is_dir():
-            raise HarnessError(f"{BACKBONES_ENV}={folder}: no such folder of backbone cards")
-        return folder
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "backbones", here / "backbone_cards"):
-        if candidate.is_dir():
-            return candidate
-    raise HarnessError(f"no backbone cards found (looked in {here.parent / 'backbones'} and {here / 'backbone_cards'})")
+    return card_folder(BACKBONES_ENV, "backbones", "backbone_cards", "backbone cards")
 
 
 class Pretraining(_Strict):
