@@ -55,7 +55,8 @@ SETTINGS_CPU = [(p, cl) for p in ("fp32", "bf16") for cl in (False, True)]
 def tiny_settings(kind: str, model_kw: dict, aug_kw: dict) -> tuple[dict, dict]:
     """The card's model with tiny images and narrow heads (the structure stays the card's)."""
     if kind == "segmentation":
-        return {**model_kw, "aspp_channels": 32}, {**aug_kw, "crop_size": 64, "base_size": 64}
+        return ({**model_kw, "aspp_channels": 32, "aux_channels": 32, "test_min_size": 64, "max_size": 96},
+                {**aug_kw, "crop_size": 64, "scale": (96, 64)})
     tiny = {**model_kw, "min_size": [64], "max_size": 96, "test_min_size": 64, "fpn_channels": 32,
             "anchor_sizes": [16, 32, 64, 128, 256], "representation_size": 64}
     if kind == "keypoints":
