@@ -268,9 +268,9 @@ class _ScheduleBatches:
 
     def __iter__(self):
         it, epoch = 0, 0
-        per_epoch = len(self.sampler) // self.per_rank
-        if self.groups is None:  # every epoch has the same number of batches: jump to the start
-            epoch, it = divmod(self.start, per_epoch)[0], self.start - self.start % per_epoch
+        if self.groups is None:  # every epoch has the same number of batches: jump to the start's epoch
+            epoch, offset = divmod(self.start, len(self.sampler) // self.per_rank)
+            it = self.start - offset
         while it < self.total:
             batches = self.epoch_batches(epoch)
             if not batches:
