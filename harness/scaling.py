@@ -246,11 +246,9 @@ def _shared_synthetic(plan: ScalingPlan, eval_dir: Path) -> None:
     if get_rank() != 0:
         return
     shared = Path(plan.out) / "synthetic-data"
-    if not (shared / ".complete").is_file():
-        from harness.datasets.synthetic import write_synthetic
+    from harness.datasets.synthetic import write_synthetic_once
 
-        write_synthetic(shared, seed=0)
-        (shared / ".complete").write_text("")
+    write_synthetic_once(shared)
     link = eval_dir / "synthetic-data"
     eval_dir.mkdir(parents=True, exist_ok=True)
     if not link.exists():
