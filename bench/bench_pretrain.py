@@ -13,8 +13,9 @@ normalized before its clock starts. After an untimed warm-up of each, `--rounds`
 alternating order in one process. Prints images/s of both and harness / bare.
 
 Then it writes the same images as WebDataset tar shards and prints images/s read from the local
-shards by one reader (`ShardStream` with one reader thread: tar read, shuffle buffer, JPEG decode,
-labels), with and without the pretraining augmentation, one torch thread (a loader process).
+shards by one loader process (`ShardStream` iterated in this process with one torch thread: tar read
+through webdataset, subset filter, shuffle buffer, JPEG decode, labels), with and without the
+pretraining augmentation.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from torch.utils.data import DistributedSampler
 
 from harness.datasets.synthetic import write_pretrain_synthetic
 from harness.engine import sample_seed, seed_everything
-from harness.pretrain import PretrainAugment, PretrainConfig, open_pretrain_data, pretrain, write_shards
+from harness.datasets.pretraining import open_pretrain_data
+from harness.datasets.shards import write_shards
+from harness.pretrain import PretrainAugment, PretrainConfig, pretrain
 
 
 def bare_batches(dataset, steps: int, batch: int, seed: int, augment) -> list:
@@ -80,19 +83,15 @@ def harness_run(manifest: Path, out: Path, steps: int, batch: int, lr: float, im
 
 
 def shard_rate(pattern: str, augment: PretrainAugment | None, images: int) -> float:
-    """Images/s of one reader thread over local shards (tar read, shuffle buffer, decode, labels)."""
-    data = open_pretrain_data(pattern, workers=1, shuffle_buffer=100)
-    stream = data.dataset
-    try:
-        stream[0]  # start the reader, untimed
-        began = time.perf_counter()
-        for i in range(1, images + 1):
-            image, target = stream[i]
-            if augment is not None:
-                augment(image, target, torch.Generator().manual_seed(i))
-        return images / (time.perf_counter() - began)
-    finally:
-        stream.close()
+    """Images/s of one loader process over local shards (tar read, subset, shuffle buffer, decode, labels)."""
+    stream = open_pretrain_data(pattern, shuffle_buffer=100).dataset
+    stream.augment = augment
+    samples = iter(stream)
+    next(samples)  # open the first shard and fill the shuffle buffer, untimed
+    began = time.perf_counter()
+    for _ in range(images):
+        next(samples)
+    return images / (time.perf_counter() - began)
 
 
 def main() -> None:
@@ -109,9 +108,9 @@ def main() -> None:
     lr = 0.1 * args.batch / 256
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        manifest = write_pretrain_synthetic(tmp / "data", size=max(args.shard_images, args.steps * args.batch),
+        manifest = write_pretrain_synthetic(tmp / "data", size=max(args.shard_images + 1, args.steps * args.batch),
                                             label_noise=0.0, image_size=args.image_size)
-        data = open_pretrain_data(str(manifest), workers=0)
+        data = open_pretrain_data(str(manifest))
         augment = PretrainAugment(args.image_size, 0.35)
         classes = len(data.classes)
 
@@ -148,7 +147,7 @@ def main() -> None:
         pattern = str(tmp / "shards")  # the folder's *.tar
         torch.set_num_threads(1)  # a loader process
         n = args.shard_images
-        print(f"WebDataset shards ({len(records)} images, 128 per shard), one reader thread, 1 torch thread: "
+        print(f"WebDataset shards ({len(records)} images, 128 per shard), one loader process, 1 torch thread: "
               f"{shard_rate(pattern, None, n):.0f} images/s read + decoded, "
               f"{shard_rate(pattern, augment, n):.0f} images/s with the crop/flip")
 
