@@ -1,12 +1,13 @@
 """Pretraining overhead: `harness.pretrain.pretrain` against a bare torchvision classification loop, same batches.
 
-    python bench/bench_pretrain.py [--rounds 3] [--steps 20] [--batch 32] [--image-size 64] [--shard-images 512] [--threads N]
+    python bench/bench_pretrain.py [--rounds 3] [--steps 20] [--batch 32] [--image-size 64] [--shard-images 512] [--threads N] [--workers 0]
 
 Data: `write_pretrain_synthetic` images (multi-label manifest, 20 classes) written at
 `--image-size` px. The harness side is the whole `harness pretrain` run for `--steps` iterations
 (opening the manifest, model build, the engine's data order, per-sample decode + random resized
 crop + flip, the sigmoid loss, metrics.jsonl, progress bar, checkpoint, the exported backbone, its
-sha256 and the JSON record) with `--workers 0`, i.e. decoding in the training process. The bare side
+sha256 and the JSON record) with `--workers 0` (the default), i.e. decoding in the training process, or
+with `--workers N` loader processes. The bare side
 is torchvision's resnet18 with a 20-way linear layer and the same loss, optimizer and learning rate
 on the same batches: the engine's shuffle and augmentation for the round's seed, decoded, cropped and
 normalized before its clock starts. After an untimed warm-up of each, `--rounds` rounds in
@@ -67,11 +68,11 @@ def bare_steps(batches: list, classes: int, lr: float, seed: int) -> float:
 
 
 def harness_run(manifest: Path, out: Path, steps: int, batch: int, lr: float, image_size: int,
-                seed: int) -> tuple[float, float]:
+                seed: int, workers: int = 0) -> tuple[float, float]:
     """Seconds of the whole `pretrain` call, and of its training loop alone (the per-iteration times in
     metrics.jsonl: data, step, logging; without setup, the final checkpoint and the export)."""
     cfg = PretrainConfig(data=str(manifest), arch="resnet18", out=str(out / f"r{seed}.safetensors"), iterations=steps,
-                         batch_size=batch, lr=lr, image_size=image_size, min_scale=0.35, seed=seed, workers=0,
+                         batch_size=batch, lr=lr, image_size=image_size, min_scale=0.35, seed=seed, workers=workers,
                          checkpoint_period=10**9, device="cpu", progress=True)
     began = time.perf_counter()
     record = pretrain(cfg)
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64, help="stored and trained image side")
     parser.add_argument("--shard-images", type=int, default=512, help="images read in the shard measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the training comparison")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="the harness's DataLoader workers (0: decode and augment in the training process)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,7 +123,8 @@ def main() -> None:
             nonlocal loop
             if name == "bare":
                 return bare_steps(bare_batches(data.dataset, args.steps, args.batch, r, augment), classes, lr, r)
-            total, in_loop = harness_run(manifest, tmp / "runs", args.steps, args.batch, lr, args.image_size, r)
+            total, in_loop = harness_run(manifest, tmp / "runs", args.steps, args.batch, lr, args.image_size, r,
+                                         args.workers)
             loop += in_loop
             return total
 
@@ -134,7 +138,7 @@ def main() -> None:
                 totals[name] += timed(name, r)
         images = args.rounds * args.steps * args.batch
         print(f"CPU ({torch.get_num_threads()} threads), resnet18, {args.image_size} px, batch {args.batch}, "
-              f"{args.rounds} rounds x {args.steps} steps")
+              f"{args.rounds} rounds x {args.steps} steps, harness with {args.workers} loader workers")
         for name, seconds in totals.items():
             print(f"{name:<8} {images / seconds:7.2f} images/s")
         print(f"harness / bare throughput: {totals['bare'] / totals['harness']:.3f}   "

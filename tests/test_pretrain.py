@@ -423,6 +423,9 @@ def test_pretrain_resumes_to_the_same_weights(tmp_path, monkeypatch, kind, optim
         with pytest.raises(RuntimeError, match="simulated crash"):
             pretrain(_tiny_config(data, tmp_path / "b.safetensors", optimizer=optimizer, lr=None))
     assert not (tmp_path / "b.safetensors").exists()
+    if kind == "wds":  # the stream's order depends on its loader workers: resuming with others is refused
+        with pytest.raises(HarnessError, match="other settings.*shard_stream"):
+            pretrain(_tiny_config(data, tmp_path / "b.safetensors", optimizer=optimizer, lr=None, workers=1))
     resumed = pretrain(_tiny_config(data, tmp_path / "b.safetensors", optimizer=optimizer, lr=None))
     assert resumed["training"]["start_iteration"] == 2  # the checkpoint of iteration 2
     a = load_backbone(str(tmp_path / "a.safetensors")).state_dict()
