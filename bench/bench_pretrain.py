@@ -79,8 +79,9 @@ def harness_run(manifest: Path, out: Path, steps: int, batch: int, lr: float, im
     total = time.perf_counter() - began
     metrics = Path(record["training"]["work_dir"]) / "metrics.jsonl"
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert len(lines) == steps, "one metrics line per iteration expected"
-    return total, sum(line["time"] for line in lines)
+    assert lines[-1]["iter"] == steps, "metrics.jsonl should end at the last iteration"
+    # each line holds the mean iteration time of the iterations since the previous line
+    return total, sum(line["time"] * (line["iter"] - prev) for line, prev in zip(lines, [0] + [x["iter"] for x in lines]))
 
 
 def shard_rate(pattern: str, augment: PretrainAugment | None, images: int) -> float:
