@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from harness.distributed import DistEnv, all_gather_object, all_reduce_mean, current_env, gather_predictions, shard_indices
 from harness.errors import HarnessError
+from harness.files import atomic_write
 from harness.protocols import is_norm
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -318,15 +319,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def native_bf16() -> bool:
     """True when the CUDA device computes in bf16 natively (Ampere and later); older GPUs only
     emulate it, slowly, so they get fp16 with a gradient scaler instead."""
@@ -571,21 +563,19 @@ def train(
             if it % cfg.checkpoint_period == 0 or it == cfg.iterations or stop:
                 rng = all_gather_object(_rng_state(device))
                 if env.is_main:
-                    _atomic_save(
-                        {
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict(),
-                            "iteration": it,
-                            "epoch": it // batches_per_epoch,
-                            "batch_in_epoch": it % batches_per_epoch,
-                            "rng": rng,
-                            "window": window,
-                            "config": fingerprint,
-                        },
-                        ckpt_path,
-                    )
+                    payload = {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "iteration": it,
+                        "epoch": it // batches_per_epoch,
+                        "batch_in_epoch": it % batches_per_epoch,
+                        "rng": rng,
+                        "window": window,
+                        "config": fingerprint,
+                    }
+                    atomic_write(ckpt_path, lambda f: torch.save(payload, f))
             if stop and it < cfg.iterations:
                 raise TrainingStopped(it, ckpt_path)
     finally:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness import __version__
 from harness.errors import HarnessError, first_problem
+from harness.files import write_json_atomic
 
 SCHEMA_VERSION = 1
 
@@ -130,14 +129,6 @@ def environment() -> dict[str, Any]:
     if torch.cuda.is_available():
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return env
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def write_result(path: Path, result: Result) -> None:

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from harness.errors import HarnessError
+from harness.files import atomic_write
 from harness.pretrain import PretrainConfig, check_fraction, read_sidecar
 
 Evaluator = Callable[[str, Path], list]  # (checkpoint, eval run folder) -> aggregated rows (harness.results.aggregate)
@@ -211,12 +211,7 @@ def plot_scaling(points: list[dict], fits: list[dict], path: Path, title: str = 
     if names:
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 # ----------------------------------------------------------------------------- the study
