@@ -29,8 +29,9 @@ from typing import Callable
 from harness.errors import HarnessError
 from harness.files import atomic_write
 from harness.pretrain import PretrainConfig, check_fraction, read_sidecar
+from harness.results import RunSummary, write_json_atomic
 
-Evaluator = Callable[[str, Path], list]  # (checkpoint, eval run folder) -> aggregated rows (harness.results.aggregate)
+Evaluator = Callable[[str, Path], list[RunSummary]]  # (checkpoint, eval run folder) -> results.json's runs
 
 
 @dataclass
@@ -215,20 +216,20 @@ def plot_scaling(points: list[dict], fits: list[dict], path: Path, title: str = 
 
 
 # ----------------------------------------------------------------------------- the study
-def summarize_rows(rows: list) -> dict:
+def summarize_rows(rows: list[RunSummary]) -> dict:
     """``run_eval`` rows -> ``{"task/protocol": {"primary": KEY, "metrics": {KEY: {mean, std, values}}}}``
     (the card's metric columns; the primary first)."""
     from harness.cards import task_card
 
     out = {}
     for row in rows:
-        card = task_card(row["task"])
+        card = task_card(row.task)
         keys = [card.metric.primary] + [k for k in card.metric.columns if k != card.metric.primary]
-        metrics = {k: row["metrics"][k] for k in keys if k in row["metrics"]}
+        metrics = {k: row.metrics[k].model_dump() for k in keys if k in row.metrics}
         if card.metric.primary not in metrics:
-            raise HarnessError(f"{row['task']}/{row['protocol']}: no {card.metric.primary} in the results")
-        out[f"{row['task']}/{row['protocol']}"] = {"primary": card.metric.primary, "metrics": metrics,
-                                                  "seeds": list(row.get("seeds", []))}
+            raise HarnessError(f"{row.task}/{row.protocol}: no {card.metric.primary} in the results")
+        out[f"{row.task}/{row.protocol}"] = {"primary": card.metric.primary, "metrics": metrics,
+                                            "seeds": list(row.seeds)}
     return out
 
 
@@ -255,7 +256,7 @@ def _shared_synthetic(plan: ScalingPlan, eval_dir: Path) -> None:
 
 
 def default_evaluator(plan: ScalingPlan) -> Evaluator:
-    def evaluate(checkpoint: str, out: Path) -> list:
+    def evaluate(checkpoint: str, out: Path) -> list[RunSummary]:
         from harness.runner import EvalPlan, run_eval
 
         if plan.synthetic:
@@ -294,7 +295,6 @@ def run_scaling(plan: ScalingPlan, evaluate: Evaluator | None = None) -> dict:
     from harness.checkpoints import sha256_file
     from harness.distributed import get_rank
     from harness.pretrain import pretrain
-    from harness.results import write_json_atomic
 
     fractions = sorted(plan.fractions)
     if len(fractions) < 2:
