@@ -4,6 +4,7 @@
 ``results.json`` (``Results``): every run of one backbone in a run folder, aggregated over seeds
 (``RunSummary`` per task, protocol and profile; ``MetricStats`` per metric). The leaderboard, the
 scaling study and the nightly reference check read them through ``read_result`` and ``read_results``.
+``<checkpoint>.json`` (``PretrainRecord``): how ``harness pretrain`` made a checkpoint; ``read_pretrain_record``.
 Files without a ``schema_version`` (written before it was recorded) have the layout of version 1.
 """
 
@@ -242,3 +243,38 @@ def read_results(path: Path) -> Results:
         return Results.model_validate(data)
     except ValidationError as exc:
         raise HarnessError(f"{path}: not a harness results.json ({first_problem(exc)})") from None
+
+
+class PretrainRecord(BaseModel):
+    """The record ``harness pretrain`` writes beside its checkpoint (``ckpt.safetensors`` -> ``ckpt.json``)."""
+
+    model_config = ConfigDict(extra="allow")
+    harness_pretrain: int = 1  # the record's version
+    checkpoint: str
+    sha256: str
+    arch: str
+    images: int  # pretraining images (the fraction's subset)
+    total_images: int
+    fraction: float
+    num_classes: int
+    loss: str
+    settings: dict[str, Any]
+    training: dict[str, Any]
+    created: str
+
+
+def pretrain_record_path(checkpoint) -> Path:
+    """``ckpt.safetensors`` -> ``ckpt.json`` (the pretraining record beside the checkpoint)."""
+    out = Path(checkpoint)
+    return out.with_name(out.stem + ".json") if out.suffix else out.with_name(out.name + ".json")
+
+
+def read_pretrain_record(checkpoint) -> PretrainRecord | None:
+    """The pretraining record beside ``checkpoint``; None when there is none, an error when it does not read."""
+    path = pretrain_record_path(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        return PretrainRecord.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        raise HarnessError(f"{path}: not a harness pretraining record ({first_problem(exc)}); delete or fix it") from None

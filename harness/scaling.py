@@ -28,8 +28,8 @@ from typing import Callable
 
 from harness.errors import HarnessError
 from harness.files import atomic_write
-from harness.pretrain import PretrainConfig, check_fraction, read_sidecar
-from harness.results import RunSummary, write_json_atomic
+from harness.pretrain import PretrainConfig, check_fraction
+from harness.results import PretrainRecord, RunSummary, read_pretrain_record, write_json_atomic
 
 Evaluator = Callable[[str, Path], list[RunSummary]]  # (checkpoint, eval run folder) -> results.json's runs
 
@@ -271,12 +271,12 @@ def default_evaluator(plan: ScalingPlan) -> Evaluator:
 
 
 def _images_of(plan: ScalingPlan, fraction: float, checkpoint: str) -> int:
-    record = read_sidecar(checkpoint)
-    if record is not None and "images" in record:
-        if abs(float(record.get("fraction", fraction)) - fraction) > 1e-12:
-            raise HarnessError(f"--checkpoints: {checkpoint} was pretrained on fraction {record.get('fraction')}, "
+    record = read_pretrain_record(checkpoint)
+    if record is not None:
+        if abs(record.fraction - fraction) > 1e-12:
+            raise HarnessError(f"--checkpoints: {checkpoint} was pretrained on fraction {record.fraction}, "
                                f"not {fraction:g}")
-        return int(record["images"])
+        return record.images
     if not plan.data:
         raise HarnessError(f"--checkpoints: {checkpoint} has no pretraining record (.json beside it) to tell its "
                            "image count; pass --data to count the subset")
@@ -316,20 +316,20 @@ def run_scaling(plan: ScalingPlan, evaluate: Evaluator | None = None) -> dict:
         if f in plan.checkpoints:
             checkpoint = plan.checkpoints[f]
             images = _images_of(plan, f, checkpoint)
-            record = read_sidecar(checkpoint)
+            record = read_pretrain_record(checkpoint)
         else:
             template = plan.pretrain or PretrainConfig(data=plan.data, arch=plan.arch, out="", epochs=1)
             cfg = dataclasses.replace(template, data=plan.data, arch=plan.arch, fraction=f,
                                       out=str(out / "pretrain" / label / "backbone.safetensors"), work_dir=None,
                                       device=template.device or plan.device, progress=plan.progress)
-            record = pretrain(cfg)
-            checkpoint, images = cfg.out, int(record["images"])
+            record = PretrainRecord.model_validate(pretrain(cfg))
+            checkpoint, images = cfg.out, record.images
         rows = evaluate(checkpoint, out / "eval" / label)
         points.append({
             "fraction": f, "images": images, "checkpoint": str(checkpoint),
             "sha256": sha256_file(checkpoint) if get_rank() == 0 else None,
-            "pretrain": None if record is None else {k: record.get(k) for k in ("images", "total_images", "loss",
-                                                                                  "num_classes", "training")},
+            "pretrain": None if record is None else record.model_dump(include={"images", "total_images", "loss",
+                                                                               "num_classes", "training"}),
             "results": summarize_rows(rows),
         })
     fits = fit_points(points, plan.confidence)
