@@ -174,20 +174,12 @@ class PretrainConfig:
         return d
 
 
-def sidecar_path(out) -> Path:
-    """``ckpt.safetensors`` -> ``ckpt.json`` (the pretraining record beside the checkpoint)."""
-    out = Path(out)
-    return out.with_name(out.stem + ".json") if out.suffix else out.with_name(out.name + ".json")
-
-
 def read_sidecar(out) -> dict | None:
-    path = sidecar_path(out)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):
-        return None
+    """The pretraining record beside ``out`` (``harness.results.read_pretrain_record``) as a dict, or None."""
+    from harness.results import read_pretrain_record
+
+    record = read_pretrain_record(out)
+    return None if record is None else record.model_dump()
 
 
 def _schedule(cfg: PretrainConfig, images: int, world_size: int, num_workers: int, device: torch.device):
@@ -225,7 +217,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from harness.checkpoints import sha256_file
     from harness.distributed import barrier, broadcast_object, init_distributed
     from harness.engine import train
-    from harness.results import write_json_atomic
+    from harness.results import pretrain_record_path, write_json_atomic
 
     env = init_distributed(cfg.device)
     out = Path(cfg.out)
@@ -280,6 +272,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
             "training": {**result.as_dict(), "work_dir": str(work)},
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        write_json_atomic(sidecar_path(out), record)
+        write_json_atomic(pretrain_record_path(out), record)
     barrier()
     return broadcast_object(record)
