@@ -17,11 +17,18 @@ def real() -> Path:
     return REAL
 
 
+# enough for the end-to-end runs (6 training images per task, a few to score) and the readers'
+# checks (difficult VOC objects, people with keypoints): 46 images, where the default is 1,250
+SYNTHETIC_SIZES = dict(coco_train=16, coco_val=6, voc07_trainval=8, voc07_test=4, voc12_train=6, voc12_val=4,
+                       voc12_aug_extra=2)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    """A data root written by `harness data synth` (seed 0), shared by every test of the session."""
+    """A small data root written by `harness data synth` (seed 0, ``SYNTHETIC_SIZES``), shared by every
+    test of the session."""
     from harness.datasets.synthetic import write_synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, seed=0)
+    write_synthetic(root, seed=0, **SYNTHETIC_SIZES)
     return root

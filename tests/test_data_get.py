@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from loopback import Loopback
 from PIL import Image
 from scipy.io import savemat
 
@@ -23,6 +22,7 @@ from harness.datasets.get import get_data
 from harness.datasets.roots import check_data_root
 from harness.datasets.synthetic import write_synthetic
 from harness.errors import HarnessError
+from tests.loopback import Loopback
 
 SIZES = {"coco_train": 6, "coco_val": 3, "voc07_trainval": 6, "voc07_test": 4, "voc12_train": 6, "voc12_val": 4,
          "voc12_aug_extra": 4, "min_side": 64, "max_side": 96}

@@ -10,14 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import select
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +26,7 @@ from harness.cards import all_cards
 from harness.cli import main
 from harness.errors import HarnessError
 from harness.results import Result, aggregate, write_json_atomic, write_result
+from tests.support import Browser, chromium
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = all_cards()
@@ -389,107 +387,9 @@ def test_page_is_self_contained(board, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the page in Chromium
-def _chromium() -> str:
-    exe = os.environ.get("HARNESS_CHROMIUM") or shutil.which("chromium")
-    if not exe:
-        pytest.skip("chromium not found (Debian: apt-get install -y chromium; or set HARNESS_CHROMIUM)")
-    return exe
-
-
-class Browser:
-    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe)."""
-
-    def __init__(self, exe: str, profile: Path):
-        to_browser, self._w = os.pipe()
-        self._r, from_browser = os.pipe()
-        # the browser reads fd 3 and writes fd 4: move its ends out of the way before the launcher dup2s them there
-        for fd in (to_browser, from_browser):
-            os.dup2(fd, fd + 100)
-            os.close(fd)
-        to_browser, from_browser = to_browser + 100, from_browser + 100
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}", "--window-size=1400,1000", "--remote-debugging-pipe", "about:blank"]
-        launch = f"import os, sys; os.dup2({to_browser}, 3); os.dup2({from_browser}, 4); os.execv(sys.argv[1], sys.argv[1:])"
-        self.proc = subprocess.Popen([sys.executable, "-c", launch, exe, *flags], pass_fds=(to_browser, from_browser),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_browser)
-        os.close(from_browser)
-        self._buf, self._id, self.events, self.session = b"", 0, [], None
-
-    def _read(self, deadline: float) -> dict:
-        while b"\0" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._r], [], [], left)[0]:
-                raise TimeoutError("no answer from chromium")
-            chunk = os.read(self._r, 1 << 16)
-            if not chunk:
-                raise RuntimeError(f"chromium closed the pipe (exit {self.proc.poll()})")
-            self._buf += chunk
-        msg, self._buf = self._buf.split(b"\0", 1)
-        return json.loads(msg)
-
-    def send(self, method: str, timeout: float = 20.0, **params):
-        self._id += 1
-        msg = {"id": self._id, "method": method, "params": params}
-        if self.session and not method.startswith(("Target.", "Browser.")):
-            msg["sessionId"] = self.session
-        os.write(self._w, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self._read(deadline)
-            if reply.get("id") == self._id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply["result"]
-            self.events.append(reply)
-
-    def wait_event(self, method: str, timeout: float = 20.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, e in enumerate(self.events):
-                if e.get("method") == method:
-                    return self.events.pop(i)
-            self.events.append(self._read(deadline))
-
-    def open(self, url: str) -> None:
-        target = self.send("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        self.send("Page.enable")
-        self.send("Runtime.enable")
-        self.send("Page.navigate", url=url)
-        self.wait_event("Page.loadEventFired")
-
-    def js(self, expression: str):
-        out = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
-        if "exceptionDetails" in out:
-            raise RuntimeError(out["exceptionDetails"])
-        return out["result"].get("value")
-
-    def click(self, selector: str) -> None:
-        """A real mouse click at the centre of the element (input events, not element.click())."""
-        x, y = self.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView();"
-                       " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-
-    def close(self) -> None:
-        try:
-            self.send("Browser.close", timeout=5)
-        except (RuntimeError, TimeoutError, OSError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._w)
-        os.close(self._r)
-
-
 @pytest.fixture
 def browser():
-    exe = _chromium()
+    exe = chromium()
     with tempfile.TemporaryDirectory(prefix="harness-chromium-") as profile:
         b = Browser(exe, Path(profile))
         try:

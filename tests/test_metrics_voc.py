@@ -14,7 +14,7 @@ import pytest
 from harness.datasets.voc import VOC_CLASSES, VocAnnotation, VocObject, load_voc_detection
 from harness.errors import HarnessError
 from harness.metrics.voc import voc_detection_metrics
-from voc_reference import reference_voc
+from tests.voc_reference import reference_voc
 
 pytestmark = pytest.mark.filterwarnings("ignore:no non-difficult ground truth")
 

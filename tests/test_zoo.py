@@ -17,7 +17,6 @@ import timm
 import torch
 import torchvision
 import yaml
-from loopback import Loopback
 
 from harness.backbones import CAFFE, IMAGENET
 from harness.cards import all_backbone_cards
@@ -25,6 +24,7 @@ from harness.checkpoints import inspect_checkpoint
 from harness.errors import HarnessError
 from harness.results import git_commit
 from harness.zoo import load_eval_backbone
+from tests.loopback import Loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 
