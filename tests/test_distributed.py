@@ -91,6 +91,7 @@ def _model_and_data():
     return tiny_detector(box_score_thresh=0.0), Shapes(NUM_IMAGES)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_predict_exactly_what_one_does(tmp_path):
     from harness.engine import predict
 

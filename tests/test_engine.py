@@ -240,6 +240,7 @@ def _metrics(out: Path) -> list[dict]:
     return [{k: v for k, v in line.items() if k != "time"} for line in lines]
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = _run_worker(straight)

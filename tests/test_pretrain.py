@@ -373,6 +373,7 @@ def test_pretrain_resumes_to_the_same_weights(tmp_path, monkeypatch, kind, optim
     assert losses("a.run") == losses("b.run") and len(losses("a.run")) == 4
 
 
+@pytest.mark.slow
 def test_pretrain_under_torchrun_on_streamed_shards(tmp_path):
     """Two gloo processes (DDP): each streams its own shards; rank 0 writes one loadable checkpoint."""
     import os
