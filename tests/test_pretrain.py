@@ -296,6 +296,7 @@ def _tiny_config(data: Path, out: Path, **kw) -> PretrainConfig:
     return PretrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_pretrain_cli_writes_a_loadable_harness_checkpoint(tmp_path, capsys):
     from harness.cli import main
     from harness.datasets.synthetic import write_pretrain_synthetic
@@ -340,6 +341,7 @@ def _interrupt_after(monkeypatch, calls: int):
     monkeypatch.setattr(PretrainAugment, "__call__", flaky)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,optimizer", [("manifest", "sgd"), ("wds", "sgd"), ("manifest", "adamw")])
 def test_pretrain_resumes_to_the_same_weights(tmp_path, monkeypatch, kind, optimizer):
     """Killed mid-run, a rerun resumes from the last checkpoint (optimizer state included) to the same weights."""

@@ -138,6 +138,7 @@ def test_proposals_under_bf16_autocast_equal_fp32_ones():
     assert fp32[0].max() > 500  # coordinates where bf16 anchors would snap to a 4-pixel grid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["coco", "voc", "seg", "pose"])
 def test_every_task_model_trains_and_predicts_under_cpu_bf16_autocast(task, tmp_path):
     card = task_card(task)

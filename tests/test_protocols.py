@@ -60,6 +60,7 @@ def test_frozen_backbone_is_bit_identical_after_training(head):
     assert not any(m.training for m in backbone.modules())
 
 
+@pytest.mark.slow
 def test_frozen_keypoint_model_with_group_norm_through_the_engine(tmp_path):
     """The real path: a GN keypoint model trained by ``engine.train`` (weight decay, clipping, a
     checkpoint) leaves the frozen backbone bit-identical while the FPN's GroupNorm learns."""
