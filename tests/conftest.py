@@ -1,4 +1,4 @@
-"""Shared fixtures: the real fixtures in ../shared/data/real and a synthetic data root."""
+"""Shared fixtures: one torch thread, the real fixtures in ../shared/data/real and a synthetic data root."""
 
 from __future__ import annotations
 
@@ -7,6 +7,19 @@ from pathlib import Path
 import pytest
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests run tiny models: one intra-op thread is as fast, and on a shared CPU two threads spin-wait
+    for each other (measured on test_models.py + test_protocols.py at load 15: 45 CPU-s with two, 13 with
+    one). Subprocesses keep their own setting (OMP_NUM_THREADS)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
