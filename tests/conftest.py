@@ -1,4 +1,4 @@
-"""Shared fixtures: the real fixtures in ../shared/data/real and a synthetic data root."""
+"""Shared fixtures: one torch thread, the real fixtures in ../shared/data/real and a synthetic data root."""
 
 from __future__ import annotations
 
@@ -9,6 +9,19 @@ import pytest
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests run tiny models: one intra-op thread is as fast, and on a shared CPU two threads spin-wait
+    for each other (measured on test_models.py + test_protocols.py at load 15: 45 CPU-s with two, 13 with
+    one). Subprocesses keep their own setting (OMP_NUM_THREADS)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def real() -> Path:
     """../shared/data/real beside the checkout (a user's checkout has none: those tests skip)."""
@@ -17,11 +30,18 @@ def real() -> Path:
     return REAL
 
 
+# enough for the end-to-end runs (6 training images per task, a few to score) and the readers'
+# checks (difficult VOC objects, people with keypoints): 46 images, where the default is 1,250
+SYNTHETIC_SIZES = dict(coco_train=16, coco_val=6, voc07_trainval=8, voc07_test=4, voc12_train=6, voc12_val=4,
+                       voc12_aug_extra=2)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    """A data root written by `harness data synth` (seed 0), shared by every test of the session."""
+    """A small data root written by `harness data synth` (seed 0, ``SYNTHETIC_SIZES``), shared by every
+    test of the session."""
     from harness.datasets.synthetic import write_synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, seed=0)
+    write_synthetic(root, seed=0, **SYNTHETIC_SIZES)
     return root

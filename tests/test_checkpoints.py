@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import builtins
 import json
-import os
 import pickle
 import re
-import subprocess
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from harness.backbones import CAFFE, IMAGENET, load_backbone, save_backbone
 from harness.checkpoints import (d2_to_tv, export_backbone, format_inspection, inspect_checkpoint, read_checkpoint,
                                  tv_to_d2)
 from harness.errors import HarnessError
+from tests.support import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -616,19 +614,13 @@ def test_normalization_override(r50, r50_file, r50_net):
 
 
 # ----------------------------------------------------------------------------- CLI
-def _cli(*args, cwd=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=300, env=env)
-
-
-def test_cli_inspect_json_and_errors(tmp_path, r50, other_sd):
+def test_cli_inspect_json_and_errors(tmp_path, r50, other_sd, capsys):
     sd, _, _ = r50
     path = tmp_path / "moco.pth.tar"
     _w_moco_v2(path, sd, other_sd)
-    proc = _cli("inspect", "--backbone", path, "--json")
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
+    code, out, err = run_cli(capsys, "inspect", "--backbone", path, "--json")
+    assert code == 0, err
+    report = json.loads(out)
     for key in ("path", "sha256", "layout", "arch", "tensors_loaded", "missing", "unexpected", "ignored_prefixes",
                 "parameters", "feature_info", "normalization"):
         assert key in report
@@ -638,9 +630,9 @@ def test_cli_inspect_json_and_errors(tmp_path, r50, other_sd):
 
     bad = tmp_path / "bad.pth"
     bad.write_text("not a checkpoint at all\n")
-    proc = _cli("inspect", "--backbone", bad, "--arch", "resnet50", "--json")
-    assert proc.returncode == 2 and proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
+    code, out, err = run_cli(capsys, "inspect", "--backbone", bad, "--arch", "resnet50", "--json")
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("harness: error:") and "not a checkpoint" in lines[0]
 
 

@@ -5,17 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
-from loopback import Loopback
 from PIL import Image
 from scipy.io import savemat
 
@@ -23,6 +20,8 @@ from harness.datasets.get import get_data
 from harness.datasets.roots import check_data_root
 from harness.datasets.synthetic import write_synthetic
 from harness.errors import HarnessError
+from tests.loopback import Loopback
+from tests.support import run_cli
 
 SIZES = {"coco_train": 6, "coco_val": 3, "voc07_trainval": 6, "voc07_test": 4, "voc12_train": 6, "voc12_val": 4,
          "voc12_aug_extra": 4, "min_side": 64, "max_side": 96}
@@ -194,25 +193,29 @@ def test_mirror_is_tried_first_and_disk_space_is_checked(tmp_path, source, cache
             get_data(["coco"], root, registry=reg, progress=False, log=lines.append)
 
 
-def test_data_check_reports_wrong_counts(tmp_path, source):
+def test_data_check_reports_wrong_counts(tmp_path, source, capsys):
     rows = {r["name"]: r for r in check_data_root(source["src"])}  # synthetic: its marker's own counts
     assert not any(r["wrong"] for r in rows.values())
     fake = tmp_path / "root" / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main"
     fake.mkdir(parents=True)
     (fake / "trainval.txt").write_text("000001\n000002\n")
-    out = subprocess.run([sys.executable, "-m", "harness", "data", "check", "--root", str(tmp_path / "root")],
-                         capture_output=True, text=True)
-    assert out.returncode == 1, out.stderr
-    assert "wrong count: trainval: expected 5,011, found 2" in out.stdout  # the shipped registry's standard number
-    assert "wrong image counts in VOC2007" in out.stderr
+    code, out, err = run_cli(capsys, "data", "check", "--root", tmp_path / "root")
+    assert code == 1, err
+    assert "wrong count: trainval: expected 5,011, found 2" in out  # the shipped registry's standard number
+    assert "wrong image counts in VOC2007" in err
 
 
 @pytest.mark.slow
-def test_cli_get_then_check_then_eval(tmp_path, source):
+def test_cli_get_then_check_then_eval(tmp_path, source, monkeypatch, capsys):
     """`harness data get`, `data check` and a 3-iteration seg eval on the root it made (train_aug from SBD)."""
-    env = {**os.environ, "HARNESS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "2"}
-    run = lambda *a, **kw: subprocess.run([sys.executable, "-m", "harness", *map(str, a)], capture_output=True,  # noqa: E731
-                                          text=True, env={**env, **kw}, timeout=600)
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+
+    def run(*args, **env):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        code, out, err = run_cli(capsys, *args)
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
     with Loopback() as server:
         reg = _registry(tmp_path / "registry.yaml", server, source)
         got = run("data", "get", "all", "--root", tmp_path / "data", "--registry", reg, "--no-progress")

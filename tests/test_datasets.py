@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from harness.datasets.images import read_label_png
 from harness.datasets.roots import check_data_root, require
 from harness.datasets.voc import VOC_CLASSES, VOCDetection, VOCSegmentation, load_voc_detection, read_voc_xml
 from harness.errors import HarnessError
+from tests.support import run_cli
 
 
 def test_coco_keypoints_reader_on_real_mmpose_images(real):
@@ -127,14 +126,14 @@ def test_sbd_mat_masks_build_train_aug(tmp_path):
     assert masks["t"].dtype == torch.int64 and masks["t"][0, 0] == 0
 
 
-def test_data_check_reports_missing_datasets(tmp_path):
+def test_data_check_reports_missing_datasets(tmp_path, capsys):
     rows = {r["name"]: r for r in check_data_root(tmp_path)}
     assert not any(r["present"] for r in rows.values())
     assert any("instances_train2017.json" in m for m in rows["COCO 2017"]["missing"])
     with pytest.raises(HarnessError, match=f"VOC2007 not found under {tmp_path}: missing .*Annotations"):
         require(tmp_path, "VOC2007")
-    out = subprocess.run([sys.executable, "-m", "harness", "data", "check", "--root", str(tmp_path / "none")], capture_output=True, text=True)
-    assert out.returncode == 2 and "data root not found" in out.stderr
+    code, _, err = run_cli(capsys, "data", "check", "--root", tmp_path / "none")
+    assert code == 2 and "data root not found" in err and len(err.strip().splitlines()) == 1
 
 
 def test_coco_tasks_need_only_their_own_annotation_files(synthetic_root, tmp_path):
@@ -155,13 +154,13 @@ def test_coco_tasks_need_only_their_own_annotation_files(synthetic_root, tmp_pat
 
 
 # ----------------------------------------------------------------------------- synthetic data root
-def test_synthetic_root_is_a_complete_data_root(synthetic_root):
+def test_synthetic_root_is_a_complete_data_root(synthetic_root, capsys):
     rows = {r["name"]: r for r in check_data_root(synthetic_root)}
     assert all(r["present"] for r in rows.values()), rows
     assert rows["COCO 2017"]["images"]["train"] > 0 and rows["VOC2007"]["images"]["test"] > 0
-    out = subprocess.run([sys.executable, "-m", "harness", "data", "check", "--root", str(synthetic_root), "--json"],
-                         capture_output=True, text=True, check=True)
-    assert all(r["present"] for r in json.loads(out.stdout))
+    code, out, err = run_cli(capsys, "data", "check", "--root", synthetic_root, "--json")
+    assert code == 0, err
+    assert all(r["present"] for r in json.loads(out))
 
 
 def test_coco_reader_on_synthetic(synthetic_root):
@@ -207,7 +206,7 @@ def coco_gt_as_predictions(gt: dict, keypoints: bool) -> list[dict]:
 
 
 @pytest.mark.parametrize("task", ["coco", "pose", "voc", "seg"])
-def test_scoring_ground_truth_as_predictions_on_synthetic_gives_100(synthetic_root, tmp_path, task):
+def test_scoring_ground_truth_as_predictions_on_synthetic_gives_100(synthetic_root, tmp_path, task, capsys):
     if task in ("coco", "pose"):
         name = "instances_val2017.json" if task == "coco" else "person_keypoints_val2017.json"
         gt_path = synthetic_root / "coco/annotations" / name
@@ -235,9 +234,8 @@ def test_scoring_ground_truth_as_predictions_on_synthetic_gives_100(synthetic_ro
         args += ["--pred", pred_path]
     else:
         args += ["--pred", pred_dir]
-    out = subprocess.run([sys.executable, "-m", "harness", "score", "--task", task, *map(str, args), "--json"],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    metrics = json.loads(out.stdout)
+    code, out, err = run_cli(capsys, "score", "--task", task, *args, "--json")
+    assert code == 0, err
+    metrics = json.loads(out)
     primary = {"coco": "AP", "pose": "AP", "voc": "AP50", "seg": "mIoU"}[task]
     assert metrics[primary] == pytest.approx(100.0)

@@ -1,7 +1,7 @@
 """Distributed helpers: torchrun environment, single-process no-op path, sharding without padding,
 and 2 gloo processes predicting exactly what 1 process predicts (plus a DDP training smoke).
 
-This file is also the torchrun worker: ``torchrun --nproc_per_node 2 tests/test_distributed.py OUT``.
+This file is also the torchrun worker: ``torchrun --nproc_per_node 2 -m tests.test_distributed OUT``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import distributed as hd  # noqa: E402
-from harness.errors import HarnessError  # noqa: E402
+from harness import distributed as hd
+from harness.errors import HarnessError
 
 HERE = Path(__file__).resolve()
 NUM_IMAGES = 5  # odd: a padded sampler would duplicate one
@@ -87,12 +85,13 @@ def test_gather_predictions_sorts_and_checks():
 
 # ----------------------------------------------------------------------------- 2 processes
 def _model_and_data():
-    from test_models import Shapes, tiny_detector
+    from tests.support import Shapes, tiny_detector
 
     torch.manual_seed(0)
     return tiny_detector(box_score_thresh=0.0), Shapes(NUM_IMAGES)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_predict_exactly_what_one_does(tmp_path):
     from harness.engine import predict
 
@@ -101,7 +100,8 @@ def test_two_gloo_processes_predict_exactly_what_one_does(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]), OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HERE), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tests.test_distributed",
+           str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -1,6 +1,6 @@
 """Engine: schedule, NaN guard, clipping, checkpoints + resume (SIGKILL test), logs, predict.
 
-This file is also a script (``python tests/test_engine.py run OUT [--slow]``): the resume test
+This file is also a script (``python -m tests.test_engine run OUT [--slow]``): the resume test
 runs it in subprocesses and kills one with SIGKILL mid-training.
 """
 
@@ -17,59 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness.engine import TrainConfig, lr_factor, predict, sample_seed, train  # noqa: E402
-from harness.errors import HarnessError  # noqa: E402
-from harness.models import detection_train_augment  # noqa: E402
-from harness.protocols import apply_protocol  # noqa: E402
-from test_models import Shapes, tiny_backbone, tiny_detector  # noqa: E402
+from harness.engine import TrainConfig, lr_factor, predict, sample_seed, train
+from harness.errors import HarnessError
+from harness.models import detection_train_augment
+from harness.protocols import apply_protocol
+from tests.support import Shapes, Toy, ToyData, tiny_backbone, tiny_detector
+from tests.support import toy_config as _cfg
 
 HERE = Path(__file__).resolve()
-
-
-# ----------------------------------------------------------------------------- toy pieces
-class Toy(nn.Module):
-    """Linear regression with two loss terms; the loss turns NaN from forward call ``nan_at`` on."""
-
-    def __init__(self, nan_at: int | None = None):
-        super().__init__()
-        self.lin = nn.Linear(4, 1)
-        self.bn = nn.BatchNorm1d(1)
-        self.calls, self.nan_at = 0, nan_at
-
-    def forward(self, images, targets=None):
-        self.calls += 1
-        x = torch.stack([im.flatten()[:4] for im in images])
-        pred = self.bn(self.lin(x)).squeeze(1)
-        if targets is None:
-            return [{"value": p} for p in pred]
-        loss = ((pred - torch.stack(targets)) ** 2).mean()
-        if self.nan_at is not None and self.calls >= self.nan_at:
-            loss = loss * float("nan")
-        return {"loss_a": loss, "loss_b": 0.5 * loss}
-
-
-class ToyData(Dataset):
-    def __init__(self, n: int = 10):
-        g = torch.Generator().manual_seed(0)
-        self.items = [(torch.rand(3, 2, 2, generator=g) * 10, torch.rand((), generator=g)) for _ in range(n)]
-        self.seen: list[int] = []
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        self.seen.append(i)
-        return self.items[i]
-
-
-def _cfg(**kw) -> TrainConfig:
-    base = dict(iterations=6, batch_size=2, lr=0.01, warmup_iters=2, steps=(4,), checkpoint_period=3, log_period=2)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 # ----------------------------------------------------------------------------- schedule, config
@@ -275,7 +231,7 @@ ITERS = 16
 
 def _run_worker(out: Path, slow: bool = False) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parents[1]))
-    args = [sys.executable, str(HERE), "run", str(out)] + (["--slow"] if slow else [])
+    args = [sys.executable, "-m", "tests.test_engine", "run", str(out)] + (["--slow"] if slow else [])
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -284,6 +240,7 @@ def _metrics(out: Path) -> list[dict]:
     return [{k: v for k, v in line.items() if k != "time"} for line in lines]
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = _run_worker(straight)

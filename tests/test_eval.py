@@ -4,46 +4,39 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from harness.cards import cards_dir
+from tests.support import run_cli
+from tests.support import tiny_cards as write_tiny_cards
 
-TINY = {"iterations": 3, "batch_size": 2, "lr": 0.01, "steps": [], "warmup_iters": 1, "train_images": 6,
-        "checkpoint_period": 2}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny_cards(tmp_path_factory) -> Path:
     """Copies of the real cards whose smoke profile runs 3 iterations on 6 training images."""
-    folder = tmp_path_factory.mktemp("tasks")
-    for path in cards_dir().glob("*.yaml"):
-        card = yaml.safe_load(path.read_text())
-        smoke = card["profiles"]["smoke"]
-        smoke.update(TINY)
-        if smoke.get("schedule") == "poly":
-            smoke.pop("steps")
-        card["profiles"]["smoke"] = smoke
-        (folder / path.name).write_text(yaml.safe_dump(card))
-    return folder
+    return write_tiny_cards(tmp_path_factory.mktemp("tasks"))
 
 
-def harness(*args, env_extra=None, cwd=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=900)
+@pytest.fixture
+def tiny(tiny_cards, monkeypatch) -> Path:
+    """The shrunk cards in use (``HARNESS_TASKS``) for an in-process `harness eval`."""
+    monkeypatch.setenv("HARNESS_TASKS", str(tiny_cards))
+    return tiny_cards
 
 
-def test_eval_writes_results_skips_finished_runs_and_aggregates_seeds(tiny_cards, synthetic_root, tmp_path):
+@pytest.mark.slow
+def test_eval_writes_results_skips_finished_runs_and_aggregates_seeds(tiny, synthetic_root, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["eval", "--backbone", "random:resnet18", "--tasks", "voc,seg", "--protocols", "finetune,frozen",
             "--profile", "smoke", "--data-root", synthetic_root, "--seeds", "2", "--out", out, "--no-progress", "--device", "cpu"]
-    first = harness(*args, env_extra={"HARNESS_TASKS": str(tiny_cards)})
-    assert first.returncode == 0, first.stderr[-3000:]
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert code == 0, stderr[-3000:]
     for task in ("voc", "seg"):
         for protocol in ("finetune", "frozen"):
             for seed in (0, 1):
@@ -63,18 +56,18 @@ def test_eval_writes_results_skips_finished_runs_and_aggregates_seeds(tiny_cards
     rows = {(r["task"], r["protocol"]): r for r in summary["runs"]}
     miou = rows[("seg", "frozen")]["metrics"]["mIoU"]
     assert len(miou["values"]) == 2 and miou["mean"] == pytest.approx(sum(miou["values"]) / 2)
-    assert "mAP@[.5,.95]" in first.stdout and "AP50" in first.stdout and "mIoU" in first.stdout
-    again = harness(*args, env_extra={"HARNESS_TASKS": str(tiny_cards)})
-    assert again.returncode == 0 and again.stdout.count("done earlier, skipped") == 8
+    assert "mAP@[.5,.95]" in stdout and "AP50" in stdout and "mIoU" in stdout
+    code, stdout, _ = run_cli(capsys, *args)
+    assert code == 0 and stdout.count("done earlier, skipped") == 8
     assert json.loads((out / "results.json").read_text())["runs"] == summary["runs"]
 
 
-def test_eval_coco_and_pose_on_synthetic(tiny_cards, synthetic_root, tmp_path):
+@pytest.mark.slow
+def test_eval_coco_and_pose_on_synthetic(tiny, synthetic_root, tmp_path, capsys):
     out = tmp_path / "run"
-    done = harness("eval", "--backbone", "random:resnet18", "--tasks", "coco,pose", "--protocols", "frozen", "--profile", "smoke",
-                   "--data-root", synthetic_root, "--out", out, "--no-progress", "--device", "cpu",
-                   env_extra={"HARNESS_TASKS": str(tiny_cards)})
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, _, stderr = run_cli(capsys, "eval", "--backbone", "random:resnet18", "--tasks", "coco,pose", "--protocols", "frozen",
+                              "--profile", "smoke", "--data-root", synthetic_root, "--out", out, "--no-progress", "--device", "cpu")
+    assert code == 0, stderr[-3000:]
     pose = json.loads((out / "pose/frozen/seed0/result.json").read_text())
     assert {"AP", "AP50", "box_AP", "box_AP50"} <= set(pose["metrics"])
     gt = json.loads((synthetic_root / "coco/annotations/person_keypoints_val2017.json").read_text())
@@ -82,17 +75,15 @@ def test_eval_coco_and_pose_on_synthetic(tiny_cards, synthetic_root, tmp_path):
     coco = json.loads((out / "coco/frozen/seed0/result.json").read_text())
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(coco["metrics"])
     # the pose yardstick rebuilds the run's model from its card and checkpoint and re-scores it
-    bench = Path(__file__).resolve().parents[1] / "bench" / "pose_prior.py"
-    yardstick = subprocess.run([sys.executable, str(bench), "--data", str(synthetic_root), "--run", str(out / "pose/frozen/seed0")],
-                               capture_output=True, text=True, timeout=600,
-                               env={**os.environ, "OMP_NUM_THREADS": "2", "HARNESS_TASKS": str(tiny_cards)})
-    assert yardstick.returncode == 0, yardstick.stderr[-3000:]
-    lines = yardstick.stdout.splitlines()
+    pose_prior = runpy.run_path(str(ROOT / "bench" / "pose_prior.py"))["main"]
+    assert pose_prior(["--data", str(synthetic_root), "--run", str(out / "pose/frozen/seed0")]) == 0
+    lines = capsys.readouterr().out.splitlines()
     own = lines[lines.index(f"{out / 'pose/frozen/seed0'}, its own boxes and keypoints (as harness eval):") + 1]
     assert own.split()[:2] == ["AP", f"{pose['metrics']['AP']:.2f}"]
     assert any(line.endswith("its keypoint head on the true boxes:") for line in lines)
 
 
+@pytest.mark.slow
 def test_eval_under_torchrun_with_two_gloo_processes(tiny_cards, synthetic_root, tmp_path):
     """DDP training, test set sharded over 2 ranks, one result scoring every image (SyncBatchNorm needs CUDA;
     on the CPU the result says the statistics are per process)."""
@@ -113,48 +104,55 @@ def test_eval_under_torchrun_with_two_gloo_processes(tiny_cards, synthetic_root,
     assert result["dataset"]["images_scored"] == n
 
 
-def test_eval_with_data_loading_workers(tiny_cards, synthetic_root, tmp_path):
+@pytest.mark.slow
+def test_eval_with_data_loading_workers(tiny, synthetic_root, tmp_path, capsys):
     """Worker processes load and augment (resizes in a worker run on one thread, so images can
     differ from the main process's in the last float bit: metrics are not compared bit for bit)."""
     out = tmp_path / "w2"
-    done = harness("eval", "--backbone", "random:resnet18", "--tasks", "seg", "--protocols", "finetune",
-                   "--profile", "smoke", "--data-root", synthetic_root, "--out", out, "--no-progress",
-                   "--device", "cpu", "--workers", "2", env_extra={"HARNESS_TASKS": str(tiny_cards)})
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, _, stderr = run_cli(capsys, "eval", "--backbone", "random:resnet18", "--tasks", "seg", "--protocols", "finetune",
+                              "--profile", "smoke", "--data-root", synthetic_root, "--out", out, "--no-progress",
+                              "--device", "cpu", "--workers", "2")
+    assert code == 0, stderr[-3000:]
     result = json.loads((out / "seg" / "finetune" / "seed0" / "result.json").read_text())
     assert result["training"]["data_workers"] == 2 and result["training"]["iterations"] == 3
     n = len((synthetic_root / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_text().split())
     assert result["dataset"]["images_scored"] == n
 
 
-def test_eval_user_errors_are_one_line(tmp_path):
-    missing = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--profile", "smoke",
-                      "--data-root", tmp_path, "--out", tmp_path / "o", "--device", "cpu")
-    assert missing.returncode == 2 and "Traceback" not in missing.stderr
-    assert "VOC2007 not found under" in missing.stderr and "missing" in missing.stderr
-    unknown = harness("eval", "--backbone", "random:resnet18", "--tasks", "imagenet", "--synthetic", "--out", tmp_path / "o")
-    assert unknown.returncode == 2 and "unknown task 'imagenet'" in unknown.stderr
-    no_root = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--out", tmp_path / "o",
-                      env_extra={"HARNESS_DATA": ""})
-    assert no_root.returncode == 2 and "no data root" in no_root.stderr
+def test_eval_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    def harness(*args):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        return err
+
+    err = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--profile", "smoke", "--data-root", tmp_path,
+                  "--out", tmp_path / "o", "--device", "cpu")
+    assert "VOC2007 not found under" in err and "missing" in err
+    err = harness("eval", "--backbone", "random:resnet18", "--tasks", "imagenet", "--synthetic", "--out", tmp_path / "o")
+    assert "unknown task 'imagenet'" in err
+    with monkeypatch.context() as env:
+        env.setenv("HARNESS_DATA", "")
+        err = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--out", tmp_path / "o")
+    assert "no data root" in err
     bad_ckpt = tmp_path / "x.pth"
     bad_ckpt.write_text("not a checkpoint")
-    bad = harness("eval", "--backbone", bad_ckpt, "--arch", "resnet18", "--tasks", "voc", "--synthetic", "--out", tmp_path / "o")
-    assert bad.returncode == 2 and str(bad_ckpt) in bad.stderr and "\n" not in bad.stderr.strip()
-    workers = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--synthetic", "--workers", "-1",
-                      "--out", tmp_path / "o")
-    assert workers.returncode == 2 and "--workers must be 0 or more" in workers.stderr
+    err = harness("eval", "--backbone", bad_ckpt, "--arch", "resnet18", "--tasks", "voc", "--synthetic", "--out", tmp_path / "o")
+    assert str(bad_ckpt) in err
+    err = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--synthetic", "--workers", "-1",
+                  "--out", tmp_path / "o")
+    assert "--workers must be 0 or more" in err
     stale = tmp_path / "stale" / "synthetic-data"  # made by another version of `harness data synth`
     stale.mkdir(parents=True)
     (stale / ".complete").write_text("")
     (stale / "SYNTHETIC.json").write_text(json.dumps({"seed": 0, "sizes": {"coco_train": 200}}))
-    old = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--synthetic", "--out", tmp_path / "stale",
+    err = harness("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--synthetic", "--out", tmp_path / "stale",
                   "--device", "cpu")
-    assert old.returncode == 2 and "was generated with other settings" in old.stderr and "use another --out" in old.stderr
+    assert "was generated with other settings" in err and "use another --out" in err
     for args, message in ((["--tasks", ","], "--tasks names nothing"),
                           (["--tasks", "voc,seg,voc"], "--tasks names voc more than once"),
                           (["--tasks", "voc", "--protocols", "frozen,frozen"], "--protocols names frozen more than once"),
                           (["--tasks", "voc", "--batch-size", "0"], "--batch-size must be at least 1"),
                           (["--tasks", "voc,seg", "--batch-size", "1"], "seg: the ASPP head's BatchNorm needs at least 2 images")):
-        done = harness("eval", "--backbone", "random:resnet18", "--synthetic", "--out", tmp_path / "o", "--device", "cpu", *args)
-        assert done.returncode == 2 and message in done.stderr and "\n" not in done.stderr.strip(), done.stderr
+        err = harness("eval", "--backbone", "random:resnet18", "--synthetic", "--out", tmp_path / "o", "--device", "cpu", *args)
+        assert message in err, err
+    assert not (tmp_path / "o").exists()  # a refused eval writes nothing

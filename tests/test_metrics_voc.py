@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,8 @@ import pytest
 from harness.datasets.voc import VOC_CLASSES, VocAnnotation, VocObject, load_voc_detection
 from harness.errors import HarnessError
 from harness.metrics.voc import voc_detection_metrics
-from voc_reference import reference_voc
+from tests.support import run_cli
+from tests.voc_reference import reference_voc
 
 pytestmark = pytest.mark.filterwarnings("ignore:no non-difficult ground truth")
 
@@ -136,13 +135,13 @@ def test_real_voc_images_with_real_detections(real, tmp_path):
     assert 20 < ours["AP50"] < 90  # a real detector: neither perfect nor broken
 
 
-def test_score_cli_on_real_voc(real, tmp_path):
+def test_score_cli_on_real_voc(real, tmp_path, capsys):
     voc = real_devkit(real, tmp_path)
     pred = tmp_path / "dets.json"
     pred.write_text(json.dumps(real_detections(real)))
-    out = subprocess.run([sys.executable, "-m", "harness", "score", "--task", "voc", "--gt", str(voc), "--split", "test",
-                          "--pred", str(pred), "--json"], capture_output=True, text=True, check=True)
-    metrics = json.loads(out.stdout)
+    code, out, err = run_cli(capsys, "score", "--task", "voc", "--gt", voc, "--split", "test", "--pred", pred, "--json")
+    assert code == 0, err
+    metrics = json.loads(out)
     ref = reference_voc(*to_reference(load_voc_detection(voc, "test"), real_detections(real)), True)  # VOC2007: 11-point
     assert metrics["AP50"] == pytest.approx(ref["AP50"], abs=1e-9)
     assert set(metrics["AP50_per_class"]) == set(VOC_CLASSES)

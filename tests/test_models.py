@@ -1,8 +1,4 @@
-"""Task models: Faster R-CNN (FPN, C4), DeepLabV3 (OS 16), Keypoint R-CNN, and their augmentations.
-
-Also home of the tiny test helpers (``tiny_backbone``, ``Shapes``, ``PyramidStandIn``,
-``tiny_detector``) that test_protocols/test_engine/test_distributed import.
-"""
+"""Task models: Faster R-CNN (FPN, C4), DeepLabV3 (OS 16), Keypoint R-CNN, and their augmentations."""
 
 from __future__ import annotations
 
@@ -11,13 +7,10 @@ from collections import OrderedDict
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from harness.backbones import FeatureInfo, build_backbone
 from harness.errors import HarnessError
 from harness.models import (
     COCO_KEYPOINT_FLIP,
-    build_detector,
     build_keypoint_model,
     build_model,
     build_segmenter,
@@ -27,93 +20,10 @@ from harness.models import (
     train_augment,
 )
 from harness.models.pose import hflip_keypoints, keypoints_to_pixel_indices
-
-SMALL_ANCHORS = (8, 16, 32, 64, 128)
+from tests.support import SMALL_ANCHORS, PyramidStandIn, Shapes, tiny_backbone, tiny_detector
 
 
 # ----------------------------------------------------------------------------- helpers
-def tiny_backbone(arch: str = "resnet18") -> nn.Module:
-    return build_backbone(arch)
-
-
-class PyramidStandIn(nn.Module):
-    """A non-ResNet backbone honouring the contract (c2..c5 + feature_info) with no ``layer4``."""
-
-    def __init__(self, widths=(8, 16, 24, 32)):
-        super().__init__()
-        self.arch = "pyramid-standin"
-        self.stem = nn.Conv2d(3, widths[0], 4, stride=4)
-        self.stages = nn.ModuleList(
-            [nn.Identity()] + [nn.Conv2d(a, b, 2, stride=2) for a, b in zip(widths[:-1], widths[1:])]
-        )
-        self.norm = nn.GroupNorm(1, widths[-1])
-        self.feature_info = [FeatureInfo(f"c{i + 2}", w, 4 * 2**i) for i, w in enumerate(widths)]
-
-    def forward(self, x):
-        x = self.stem(x - 0.5)
-        out = OrderedDict()
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            out[f"c{i + 2}"] = self.norm(x) if i == 3 else x
-        return out
-
-
-class Shapes(Dataset):
-    """``n`` deterministic images with one or two filled rectangles (label = colour, 1..2).
-
-    kind "detection": COCO-style targets; "keypoints": + 17 keypoints inside each box (label 1);
-    "segmentation": int64 mask (0 background, 255 on a one-pixel border of each rectangle).
-    """
-
-    def __init__(self, n: int = 8, size=(64, 80), seed: int = 0, kind: str = "detection"):
-        g = torch.Generator().manual_seed(seed)
-        self.items = []
-        h, w = size
-        for i in range(n):
-            image = torch.rand(3, h, w, generator=g) * 0.2
-            mask = torch.zeros(h, w, dtype=torch.int64)
-            boxes, labels, kps = [], [], []
-            for _ in range(1 + i % 2):
-                bw, bh = [int(torch.randint(16, 32, (), generator=g)) for _ in range(2)]
-                x0, y0 = int(torch.randint(0, w - bw, (), generator=g)), int(torch.randint(0, h - bh, (), generator=g))
-                label = int(torch.randint(1, 3, (), generator=g))
-                image[label - 1, y0 : y0 + bh, x0 : x0 + bw] = 1.0
-                mask[y0 : y0 + bh, x0 : x0 + bw] = label
-                mask[y0, x0 : x0 + bw] = 255
-                boxes.append([x0, y0, x0 + bw, y0 + bh])
-                labels.append(label if kind != "keypoints" else 1)
-                pts = torch.rand(17, 2, generator=g) * torch.tensor([bw, bh]) + torch.tensor([x0, y0])
-                kps.append(torch.cat([pts, torch.full((17, 1), 2.0)], 1))
-            if kind == "segmentation":
-                self.items.append((image, mask))
-                continue
-            target = {
-                "boxes": torch.tensor(boxes, dtype=torch.float32),
-                "labels": torch.tensor(labels, dtype=torch.int64),
-                "image_id": i,
-                "iscrowd": torch.zeros(len(boxes), dtype=torch.int64),
-            }
-            if kind == "keypoints":
-                target["keypoints"] = torch.stack(kps)
-            self.items.append((image, target))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        return self.items[i]
-
-
-def tiny_detector(backbone: nn.Module | None = None, head: str = "fpn", num_classes: int = 2, **kw) -> nn.Module:
-    backbone = backbone if backbone is not None else tiny_backbone()
-    opts = dict(min_size=64, max_size=96, anchor_sizes=SMALL_ANCHORS, box_batch_size_per_image=64,
-                rpn_batch_size_per_image=64)
-    if head == "fpn":
-        opts.update(fpn_channels=32, representation_size=64)
-    opts.update(kw)
-    return build_detector(backbone, num_classes, head=head, **opts)
-
-
 def _batch(ds, n=2):
     items = [ds[i] for i in range(n)]
     return [im for im, _ in items], [t for _, t in items]

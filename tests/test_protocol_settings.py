@@ -138,6 +138,7 @@ def test_proposals_under_bf16_autocast_equal_fp32_ones():
     assert fp32[0].max() > 500  # coordinates where bf16 anchors would snap to a 4-pixel grid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["coco", "voc", "seg", "pose"])
 def test_every_task_model_trains_and_predicts_under_cpu_bf16_autocast(task, tmp_path):
     card = task_card(task)
@@ -228,15 +229,36 @@ def test_padding_uses_the_backbones_mean_colour():
 
 
 # ----------------------------------------------------------------------------- dry run
+# a profile's schedule: the only fields in which a dry run of one profile differs from another's
+SCHEDULE = {"iterations", "batch_size", "lr", "schedule", "steps", "poly_power", "poly_min_lr", "warmup_iters",
+            "warmup_factor", "checkpoint_period"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("profile", ["full", "short"])
-def test_dry_run_every_card(profile, synthetic_root, tmp_path, capsys):
+def test_dry_run_every_card(profile, synthetic_root, tmp_path, capsys, monkeypatch):
+    """Every card's plan row; and every card's model built at the profile's sizes, trained 2 steps and
+    predicting 2 images. A short profile that equals the full one but for its schedule trains the same
+    model as the full dry run did: its plan is checked, its training is not run twice."""
+    from harness import runner
+
     tasks = sorted(all_cards())
+    same_model = {t for t in tasks if profile == "short" and _without_schedule(t, "short") == _without_schedule(t, "full")}
+    real, trained = runner.dry_run_cell, []
+
+    def dry_run_cell(plan, env, card, *args):
+        if card.name in same_model:
+            return 0.0
+        trained.append(card.name)
+        return real(plan, env, card, *args)
+
+    monkeypatch.setattr(runner, "dry_run_cell", dry_run_cell)
     code = harness_main(["eval", "--backbone", "random:resnet18", "--tasks", ",".join(tasks), "--protocols", "finetune",
                          "--profile", profile, "--data-root", str(synthetic_root), "--out", str(tmp_path / "out"),
                          "--device", "cpu", "--no-progress", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0
+    assert sorted(trained) == sorted(set(tasks) - same_model)
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in tasks}
     assert set(lines) == set(tasks)
     for task in tasks:
@@ -245,6 +267,10 @@ def test_dry_run_every_card(profile, synthetic_root, tmp_path, capsys):
         assert int(cells[3]) == p.batch_size and int(cells[5]) == p.iterations and cells[9] == p.precision
     assert "nothing written" in out and not (tmp_path / "out" / "results.json").exists()
     assert not any((tmp_path / "out").glob("*/finetune/seed0/result.json"))
+
+
+def _without_schedule(task: str, profile: str) -> dict:
+    return {k: v for k, v in task_card(task).profile(profile).model_dump().items() if k not in SCHEDULE}
 
 
 def test_dry_run_plan_rescales_with_the_batch(synthetic_root, tmp_path, capsys, monkeypatch):

@@ -10,7 +10,7 @@ from torch import nn
 from harness.errors import HarnessError
 from harness.models import build_segmenter
 from harness.protocols import apply_protocol, convert_sync_batchnorm
-from test_models import Shapes, tiny_backbone, tiny_detector
+from tests.support import Shapes, tiny_backbone, tiny_detector
 
 
 def _snapshot(module: nn.Module) -> dict:
@@ -60,12 +60,13 @@ def test_frozen_backbone_is_bit_identical_after_training(head):
     assert not any(m.training for m in backbone.modules())
 
 
+@pytest.mark.slow
 def test_frozen_keypoint_model_with_group_norm_through_the_engine(tmp_path):
     """The real path: a GN keypoint model trained by ``engine.train`` (weight decay, clipping, a
     checkpoint) leaves the frozen backbone bit-identical while the FPN's GroupNorm learns."""
     from harness.engine import TrainConfig, train
     from harness.models import build_keypoint_model, keypoint_train_augment
-    from test_models import SMALL_ANCHORS
+    from tests.support import SMALL_ANCHORS
 
     torch.manual_seed(0)
     backbone = tiny_backbone()

@@ -126,6 +126,7 @@ def _tiny_seg_card(folder: Path) -> None:
     (folder / "seg.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
 
 
+@pytest.mark.slow
 def test_a_tiny_real_study_end_to_end(tmp_path, monkeypatch, capsys):
     """Real pretraining, a given checkpoint, real `run_eval` (seg, 2 seeds), fit, outputs, rerun."""
     from harness.checkpoints import sha256_file

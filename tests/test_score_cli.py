@@ -1,16 +1,25 @@
-"""`harness score` end to end: JSON and table output, one-line errors with a non-zero exit."""
+"""`harness score` end to end: JSON and table output, one-line errors with a non-zero exit (in this
+process; one test runs `python -m harness` itself)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
+from tests.support import run_cli
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True)
+
+@pytest.fixture
+def run(capsys):
+    """``harness ARGS`` in-process, as (returncode, stdout, stderr) like a finished subprocess."""
+    def run(*args):
+        code, out, err = run_cli(capsys, *args)
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return run
 
 
 GT = {"images": [{"id": 7, "width": 100, "height": 80, "file_name": "a.jpg"}, {"id": 9, "width": 100, "height": 80, "file_name": "b.jpg"}],
@@ -25,7 +34,7 @@ def gt_file(tmp_path):
     return path
 
 
-def test_json_and_table_output(gt_file, tmp_path):
+def test_json_and_table_output(run, gt_file, tmp_path):
     pred = tmp_path / "dets.json"
     pred.write_text(json.dumps([{"image_id": 7, "category_id": 18, "bbox": [10, 10, 40, 30], "score": 0.9}]))
     out = run("score", "--task", "coco", "--gt", gt_file, "--pred", pred, "--json")
@@ -47,7 +56,7 @@ def test_json_and_table_output(gt_file, tmp_path):
         (json.dumps({"annotations": []}), "expected a JSON list"),
     ],
 )
-def test_bad_prediction_files(gt_file, tmp_path, content, message):
+def test_bad_prediction_files(run, gt_file, tmp_path, content, message):
     pred = tmp_path / "dets.json"
     pred.write_text(content)
     out = run("score", "--task", "coco", "--gt", gt_file, "--pred", pred, "--json")
@@ -58,7 +67,7 @@ def test_bad_prediction_files(gt_file, tmp_path, content, message):
     assert message in line and str(pred) in line
 
 
-def test_missing_files_and_empty_predictions(gt_file, tmp_path):
+def test_missing_files_and_empty_predictions(run, gt_file, tmp_path, recwarn):
     out = run("score", "--task", "coco", "--gt", tmp_path / "nope.json", "--pred", tmp_path / "x.json")
     assert out.returncode == 2 and "COCO ground-truth file not found" in out.stderr
     out = run("score", "--task", "coco", "--gt", gt_file, "--pred", tmp_path / "x.json")
@@ -66,12 +75,13 @@ def test_missing_files_and_empty_predictions(gt_file, tmp_path):
     (tmp_path / "empty.json").write_text("[]")
     out = run("score", "--task", "coco", "--gt", gt_file, "--pred", tmp_path / "empty.json", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["AP"] == 0.0
-    assert "empty prediction list" in out.stderr
+    told = out.stderr + "".join(str(w.message) for w in recwarn)  # in-process, a warning is recorded, not printed
+    assert "empty prediction list" in told
     out = run("score", "--task", "voc", "--gt", tmp_path / "VOC2007", "--pred", tmp_path / "empty.json", "--split", "test")
     assert out.returncode == 2 and "VOC folder not found" in out.stderr
 
 
-def test_voc_folder_with_a_missing_annotation(tmp_path):
+def test_voc_folder_with_a_missing_annotation(run, tmp_path):
     voc = tmp_path / "VOCdevkit" / "VOC2007"
     (voc / "ImageSets/Main").mkdir(parents=True)
     (voc / "Annotations").mkdir()
@@ -81,3 +91,12 @@ def test_voc_folder_with_a_missing_annotation(tmp_path):
     assert out.returncode == 2 and "VOC annotation not found" in out.stderr and "000001.xml" in out.stderr
     out = run("score", "--task", "voc", "--gt", voc, "--split", "val", "--pred", tmp_path / "p.json")
     assert out.returncode == 2 and "VOC split list not found" in out.stderr
+
+
+def test_python_m_harness_exits_with_the_code_and_one_line(tmp_path):
+    """The module entry point: a user mistake is one line on stderr and exit code 2, no traceback
+    (a command that needs no torch, so the process starts quickly)."""
+    out = subprocess.run([sys.executable, "-m", "harness", "data", "check", "--root", str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [f"harness: error: data root not found: {tmp_path / 'none'}"]

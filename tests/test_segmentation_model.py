@@ -27,7 +27,7 @@ from harness.models.segmentation import (
 )
 from harness.protocols import apply_protocol, is_norm
 from harness.runner import model_settings, train_config
-from test_models import PyramidStandIn, Shapes
+from tests.support import PyramidStandIn, Shapes
 
 
 def _snapshot(module: nn.Module) -> dict:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -17,7 +15,6 @@ import timm
 import torch
 import torchvision
 import yaml
-from loopback import Loopback
 
 from harness.backbones import CAFFE, IMAGENET
 from harness.cards import all_backbone_cards
@@ -25,6 +22,8 @@ from harness.checkpoints import inspect_checkpoint
 from harness.errors import HarnessError
 from harness.results import git_commit
 from harness.zoo import load_eval_backbone
+from tests.loopback import Loopback
+from tests.support import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,7 +197,7 @@ def test_git_commit_is_the_harness_checkouts_not_the_working_directorys(tmp_path
 
 
 @pytest.mark.slow
-def test_eval_by_name_records_card_url_sha256_and_options(zoo, tmp_path):
+def test_eval_by_name_records_card_url_sha256_and_options(zoo, tmp_path, monkeypatch, capsys):
     from harness.datasets.synthetic import write_synthetic
 
     root = tmp_path / "data"
@@ -210,12 +209,11 @@ def test_eval_by_name_records_card_url_sha256_and_options(zoo, tmp_path):
     seg["profiles"]["smoke"].update({"iterations": 2, "batch_size": 2, "warmup_iters": 1, "train_images": 4,
                                      "checkpoint_period": 2})
     (cards / "seg.yaml").write_text(yaml.safe_dump(seg))
-    env = {**os.environ, "HARNESS_TASKS": str(cards), "OMP_NUM_THREADS": "2"}
-    out = subprocess.run([sys.executable, "-m", "harness", "eval", "--backbone", "moco", "--tasks", "seg", "--protocols",
-                          "frozen", "--profile", "smoke", "--data-root", str(root), "--out", str(tmp_path / "run"),
-                          "--device", "cpu", "--no-progress", "--normalization", "caffe"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+    monkeypatch.setenv("HARNESS_TASKS", str(cards))
+    code, _, err = run_cli(capsys, "eval", "--backbone", "moco", "--tasks", "seg", "--protocols", "frozen", "--profile", "smoke",
+                           "--data-root", root, "--out", tmp_path / "run", "--device", "cpu", "--no-progress",
+                           "--normalization", "caffe")
+    assert code == 0, err[-2000:]
     result = json.loads((tmp_path / "run/seg/frozen/seed0/result.json").read_text())
     bb = result["backbone"]
     assert (bb["name"], bb["card"], bb["url"]) == ("moco", "moco", zoo["server"].url + "/moco/moco.pth.tar")
@@ -224,13 +222,19 @@ def test_eval_by_name_records_card_url_sha256_and_options(zoo, tmp_path):
     assert result["environment"]["torch"] == torch.__version__ and result["environment"]["timm"] == timm.__version__
 
 
-def test_cli_lists_backbone_and_task_cards():
-    env = {k: v for k, v in os.environ.items() if k not in ("HARNESS_BACKBONES", "HARNESS_TASKS")}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "harness", *a], capture_output=True, text=True, env=env)  # noqa: E731
-    listed = json.loads(run("backbones", "list", "--json").stdout)
+def test_cli_lists_backbone_and_task_cards(monkeypatch, capsys):
+    monkeypatch.delenv("HARNESS_BACKBONES", raising=False)
+    monkeypatch.delenv("HARNESS_TASKS", raising=False)
+
+    def run(*args):
+        code, out, err = run_cli(capsys, *args)
+        assert code == 0, err
+        return out
+
+    listed = json.loads(run("backbones", "list", "--json"))
     assert set(listed) == {p.stem for p in (ROOT / "backbones").glob("*.yaml")} and len(listed) >= 8
     assert listed["moco-v2-800ep"]["checksum"] == "md5:a04e12f8" and listed["moco-v2-800ep"]["layout"] == "moco-v1/v2"
-    table = run("backbones", "list").stdout
+    table = run("backbones", "list")
     assert "pinned on first download" in table and f"{len(listed)} backbone card(s) in {ROOT / 'backbones'}" in table
-    tasks = run("tasks", "list").stdout
+    tasks = run("tasks", "list")
     assert f"task card(s) in {ROOT / 'tasks'}" in tasks and all(f"{p.stem} " in tasks for p in (ROOT / "tasks").glob("*.yaml"))

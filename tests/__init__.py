@@ -1,0 +1,1 @@
+"""The test suite (a package, so that test files import tests.support and the helper modules)."""
