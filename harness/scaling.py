@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from harness.cards import PROTOCOLS
 from harness.errors import HarnessError
 from harness.pretrain import PretrainConfig, check_fraction, read_sidecar
 
@@ -40,7 +41,7 @@ class ScalingPlan:
     out: Path
     data: str | None = None
     tasks: list[str] = field(default_factory=lambda: ["voc", "seg"])
-    protocols: list[str] = field(default_factory=lambda: ["finetune", "frozen"])
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     profile: str = "short"
     seeds: int = 1
     synthetic: bool = False
