@@ -57,10 +57,20 @@ def _card_file(tmp_path, name, edit):
                                                r"fpn, c4"),
     (lambda d: d["dataset"].update(layout="voc_segmentation"), r"voc.yaml: .*dataset.layout 'voc_segmentation' is not "
                                                                r"one of the detection kind's layouts"),
+    (lambda d: d["profiles"]["smoke"].update(keypoint_pool_size=7), r"voc.yaml: .*profile smoke: keypoint_pool_size apply "
+                                                                    r"to keypoints cards only"),
 ])
 def test_a_card_names_a_known_kind_with_its_heads_and_layouts(tmp_path, edit, message):
     with pytest.raises(HarnessError, match=message):
         load_card(_card_file(tmp_path, "voc", edit))
+
+
+@pytest.mark.parametrize("name, message", [("voc_fpn", "profile short: c4_extra_norm needs the c4 head, not fpn"),
+                                           ("pose", "profile short: c4_extra_norm apply to detection cards only"),
+                                           ("seg", "profile short: c4_extra_norm apply to detection cards only")])
+def test_settings_of_another_head_or_kind_are_refused(tmp_path, name, message):
+    with pytest.raises(HarnessError, match=f"{name}.yaml: .*{message}"):
+        load_card(_card_file(tmp_path, name, lambda d: d["profiles"]["short"].update(c4_extra_norm=True)))
 
 
 # ----------------------------------------------------------------------------- a small VOC2007 test split

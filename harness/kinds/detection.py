@@ -28,7 +28,7 @@ LAYOUTS = ("coco", "voc_detection")
 HEADS = ("fpn", "c4")
 MIN_IMAGES_PER_PROCESS = 1
 MIN_IMAGES_REASON = ""
-OWN_FIELDS = ()  # profile fields only this kind reads
+OWN_FIELDS = ("c4_pool_size", "c4_extra_norm")  # profile fields only this kind reads
 
 
 # ----------------------------------------------------------------------------- card checks

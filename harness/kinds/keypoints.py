@@ -21,7 +21,7 @@ LAYOUTS = ("coco_keypoints",)
 HEADS = ("fpn",)
 MIN_IMAGES_PER_PROCESS = 1
 MIN_IMAGES_REASON = ""
-OWN_FIELDS = ()  # profile fields only this kind reads
+OWN_FIELDS = ("keypoint_head_layers", "keypoint_head_channels", "keypoint_pool_size")  # only this kind reads
 
 
 def check_card(card: TaskCard) -> None:
