@@ -27,7 +27,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -428,6 +428,7 @@ def train(
     identity: dict | None = None,
     groups: Sequence[int] | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    batches: Callable[[int], Iterable] | None = None,
 ) -> TrainResult:
     """Train ``model`` (in place; call ``apply_protocol`` first) on ``dataset`` for ``cfg.iterations``.
 
@@ -439,6 +440,8 @@ def train(
     ``groups`` (one id per dataset index) batches images of one group together (aspect ratio).
     ``stop_requested()`` (e.g. set by a preemption signal) is polled after every step; when it is true on
     any rank, every rank stops at that step, the checkpoint is written and ``TrainingStopped`` is raised.
+    ``batches(start)`` (streamed data) gives this rank's ``(images, targets)`` batches of iterations
+    ``start`` .. ``cfg.iterations``, augmented, instead of the schedule's batches of ``dataset``.
     """
     env = env or current_env()
     device = env.device
@@ -510,7 +513,7 @@ def train(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
     it = start
-    loader = DataLoader(
+    loader = batches(start) if batches is not None else DataLoader(
         _TrainView(dataset, augment, cfg.seed),
         batch_sampler=_ScheduleBatches(sampler, per_rank, start, cfg.iterations, groups),
         collate_fn=collate_pairs,

@@ -21,7 +21,7 @@ import torch
 from harness.backbones import Backbone
 from harness.cards import PROTOCOLS, TaskCard, backbone_card, task_card
 from harness.datasets import roots
-from harness.datasets.synthetic import DEFAULT_SIZES, MARKER, write_synthetic
+from harness.datasets.synthetic import MARKER, check_default_synthetic, write_synthetic_once
 from harness.distributed import DistEnv, barrier, init_distributed
 from harness.engine import TrainConfig, amp_dtype, predict, train
 from harness.errors import HarnessError
@@ -264,15 +264,10 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
 def resolve_data_root(plan: EvalPlan, env: DistEnv) -> Path:
     if plan.synthetic:
         root = Path(plan.out) / "synthetic-data"
-        if env.is_main and not (root / ".complete").is_file():
-            write_synthetic(root, seed=0)
-            (root / ".complete").write_text("")
+        if env.is_main:
+            write_synthetic_once(root)
         barrier()
-        made = json.loads((root / MARKER).read_text())
-        if (made.get("seed"), made.get("sizes")) != (0, DEFAULT_SIZES):
-            raise HarnessError(f"{root} was generated with other settings than this version's "
-                               f"`harness data synth` ({made.get('sizes')}); use another --out")
-        return root
+        return check_default_synthetic(root)
     root = plan.data_root or (Path(os.environ[roots.DATA_ROOT_ENV]) if os.environ.get(roots.DATA_ROOT_ENV) else None)
     if root is None:
         raise HarnessError(f"no data root: pass --data-root DIR, set {roots.DATA_ROOT_ENV}, or use --synthetic")

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Callable
 
 from harness.cards import PROTOCOLS
+from harness.datasets.labelled import check_fraction
 from harness.errors import HarnessError
-from harness.pretrain import PretrainConfig, check_fraction, read_sidecar
+from harness.pretrain import PretrainConfig, read_sidecar
 
 Evaluator = Callable[[str, Path], list]  # (checkpoint, eval run folder) -> aggregated rows (harness.results.aggregate)
 
@@ -246,11 +247,9 @@ def _shared_synthetic(plan: ScalingPlan, eval_dir: Path) -> None:
     if get_rank() != 0:
         return
     shared = Path(plan.out) / "synthetic-data"
-    if not (shared / ".complete").is_file():
-        from harness.datasets.synthetic import write_synthetic
+    from harness.datasets.synthetic import write_synthetic_once
 
-        write_synthetic(shared, seed=0)
-        (shared / ".complete").write_text("")
+    write_synthetic_once(shared)
     link = eval_dir / "synthetic-data"
     eval_dir.mkdir(parents=True, exist_ok=True)
     if not link.exists():
@@ -285,13 +284,13 @@ def _images_of(plan: ScalingPlan, fraction: float, checkpoint: str) -> int:
     if not plan.data:
         raise HarnessError(f"--checkpoints: {checkpoint} has no pretraining record (.json beside it) to tell its "
                            "image count; pass --data to count the subset")
-    from harness.pretrain import LabelHierarchy, open_pretrain_data
+    from harness.datasets.labelled import LabelHierarchy
+    from harness.datasets.pretraining import open_pretrain_data
 
     template = plan.pretrain or PretrainConfig(data=plan.data, arch=plan.arch, out="")
     data = open_pretrain_data(plan.data, fraction=fraction, subset_seed=template.subset_seed,
                               data_format=template.data_format,
-                              hierarchy=LabelHierarchy.load(template.hierarchy) if template.hierarchy else None,
-                              workers=1)
+                              hierarchy=LabelHierarchy.load(template.hierarchy) if template.hierarchy else None)
     return data.images
 
 

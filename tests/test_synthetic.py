@@ -299,3 +299,18 @@ def test_the_vocabulary_is_the_devkit_classes_and_colours():
     cmap = voc_colormap()
     assert cmap.shape == (256, 3) and tuple(cmap[0]) == (0, 0, 0)
     assert tuple(cmap[1]) == (128, 0, 0) and tuple(cmap[15]) == (192, 128, 128) and tuple(cmap[255]) == (224, 224, 192)
+
+
+def test_default_synthetic_root_is_written_once_and_checked(tmp_path):
+    """`eval --synthetic` and the scaling study share one write-once root; a root from other settings is refused."""
+    from harness.datasets.synthetic import DEFAULT_SIZES, MARKER, check_default_synthetic, write_synthetic_once
+
+    root = tmp_path / "synthetic-data"
+    root.mkdir()
+    (root / ".complete").write_text("")  # a finished write: nothing is written again
+    (root / MARKER).write_text(json.dumps({"seed": 0, "sizes": DEFAULT_SIZES}))
+    assert write_synthetic_once(root) == root and sorted(p.name for p in root.iterdir()) == [".complete", MARKER]
+    assert check_default_synthetic(root) == root
+    (root / MARKER).write_text(json.dumps({"seed": 0, "sizes": {"coco_train": 200}}))
+    with pytest.raises(HarnessError, match="generated with other settings.*use another --out"):
+        check_default_synthetic(root)
