@@ -5,7 +5,7 @@
 Writes `harness data synth` data with 480..640 px sides (about a 640x480 photograph's pixel count)
 as JPEG (quality 90) in a temporary folder, in the COCO and VOCdevkit layouts the readers expect.
 Then, with one torch thread (as in a DataLoader worker), for each card it runs the `full` profile's
-per-image training pipeline: read + decode, the augmentation of `harness.models.train_augment`
+per-image training pipeline: read + decode, the augmentation of the card's kind (`harness.kinds`)
 (flip; for seg the random rescale, pad and 512 crop) and targets; for the detection cards also the
 resize to the card's sizes (a short side drawn from `min_size`, long side at most `max_size`) that
 the model's transform applies in the training process (on the GPU when there is one, so the
@@ -24,13 +24,14 @@ from unittest import mock
 
 import torch
 
+from harness.backbones import build_backbone
 from harness.cards import task_card
 from harness.datasets import images as image_io
 from harness.datasets.synthetic import write_synthetic
 from harness.engine import sample_seed
-from harness.models import train_augment
 from harness.models.detection import make_transform
-from harness.runner import model_settings, task_data
+from harness.kinds import KINDS
+from harness.runner import task_data
 
 TASKS = ("coco", "voc", "voc_fpn", "pose", "seg")
 DECODERS = {"PIL": image_io.decode_pil, "torchvision": image_io.decode_torchvision}
@@ -40,8 +41,9 @@ def pipeline(task: str, root: Path):
     """(dataset, per-sample function without resize, resize function or None) of a card's `full` profile."""
     card = task_card(task)
     data = task_data(card, root, "full")
-    model_kw, aug_kw = model_settings(card, "full")
-    augment = train_augment(card.model.kind, **aug_kw)
+    kind = KINDS[card.model.kind]
+    model_kw, aug_kw = kind.settings(card, "full")
+    augment = kind.train_augment(build_backbone("resnet18"), **aug_kw)
     resize = None
     if card.model.kind != "segmentation":
         transform = make_transform(model_kw["min_size"], model_kw["max_size"], model_kw["test_min_size"]).train()

@@ -25,17 +25,19 @@ from harness.backbones import build_backbone
 from harness.cards import task_card
 from harness.datasets.synthetic import write_synthetic
 from harness.engine import default_postprocess, predict
-from harness.models import build_model
-from harness.runner import model_settings, postprocess_for, task_data
+from harness.kinds import KINDS
+from harness.models.segmentation import segmentation_postprocess
+from harness.runner import task_data
 
 TASKS = ("coco", "voc", "voc_fpn", "pose", "seg")
 
 
 def build(task: str):
     card = task_card(task)
-    model_kw, _ = model_settings(card, "full")
+    kind = KINDS[card.model.kind]
+    model_kw, _ = kind.settings(card, "full")
     torch.manual_seed(0)
-    return card, build_model(card.model.kind, build_backbone("resnet18"), **model_kw).eval()
+    return card, kind.build_model(build_backbone("resnet18"), **model_kw).eval()
 
 
 def timed_predict(model, dataset, batch: int, postprocess) -> tuple[float, list]:
@@ -85,7 +87,7 @@ def main() -> None:
         for task in args.tasks:
             card, model = build(task)
             test = task_data(card, root, "full").test
-            post = postprocess_for(card, test)
+            post = KINDS[card.model.kind].postprocess(card, test)
             batches = (1, args.batch)
             for b in batches:  # warm-up, untimed
                 timed_predict(model, test, b, post)
@@ -97,7 +99,8 @@ def main() -> None:
             if card.model.kind != "segmentation":
                 model.roi_heads.score_thresh = 0.0
             # raw outputs (boxes, labels, scores, keypoints; seg: class-index masks) of batch 1 and batched
-            one, many = (timed_predict(model, test, b, default_postprocess)[1] for b in batches)
+            raw = (lambda out, _: segmentation_postprocess(out)) if card.model.kind == "segmentation" else default_postprocess
+            one, many = (timed_predict(model, test, b, raw)[1] for b in batches)
             differ, box, score, count = differences(one, many)
             what = "pixels changed" if card.model.kind == "segmentation" else "max |coord diff| px"
             print(f"{task:<8} batch 1: {rates[1]:5.2f}  batch {args.batch}: {rates[args.batch]:5.2f} "

@@ -27,7 +27,7 @@ from harness.backbones import build_backbone
 from harness.datasets.synthetic import write_synthetic
 from harness.datasets.voc import VOCDetection
 from harness.engine import TrainConfig, collate_pairs, default_precision, sample_seed, seed_everything, train
-from harness.models import build_detector, detection_train_augment
+from harness.models.detection import build_detector, detection_train_augment
 
 
 def bare_batches(dataset, steps: int, batch: int, seed: int) -> list:
@@ -83,7 +83,7 @@ def main() -> None:
         dataset = [dataset[i] for i in range(len(dataset))]  # decoded once: both sides read memory
         torch.manual_seed(0)
         base = build_detector(build_backbone("resnet18"), num_classes=20, head="fpn", min_size=128, max_size=160,
-                              fpn_channels=64, anchor_sizes=(16, 32, 64, 128, 256)).to(device)
+                              neck_channels=64, anchor_sizes=(16, 32, 64, 128, 256)).to(device)
         variants = [("harness", False, False)] + ([("harness amp+channels_last", True, True)] if device.type == "cuda" else [])
         def timed(name: str, amp: bool, cl: bool, r: int) -> float:
             model = copy.deepcopy(base)

@@ -43,9 +43,9 @@ from harness.backbones import build_backbone
 from harness.cards import all_cards, task_card
 from harness.datasets.synthetic import write_synthetic
 from harness.engine import TrainConfig, collate_pairs, predict, sample_seed, seed_everything, train
-from harness.models import build_model, train_augment
+from harness.kinds import KINDS
 from harness.protocols import apply_protocol
-from harness.runner import model_settings, task_data
+from harness.runner import task_data
 
 BATCH = 2
 SETTINGS_GPU = [(p, cl) for p in ("fp32", "tf32", "bf16") for cl in (False, True)]
@@ -55,9 +55,9 @@ SETTINGS_CPU = [(p, cl) for p in ("fp32", "bf16") for cl in (False, True)]
 def tiny_settings(kind: str, model_kw: dict, aug_kw: dict) -> tuple[dict, dict]:
     """The card's model with tiny images and narrow heads (the structure stays the card's)."""
     if kind == "segmentation":
-        return ({**model_kw, "aspp_channels": 32, "aux_channels": 32, "test_min_size": 64, "max_size": 96},
+        return ({**model_kw, "neck_channels": 32, "aux_channels": 32, "test_min_size": 64, "max_size": 96},
                 {**aug_kw, "crop_size": 64, "scale": (96, 64)})
-    tiny = {**model_kw, "min_size": [64], "max_size": 96, "test_min_size": 64, "fpn_channels": 32,
+    tiny = {**model_kw, "min_size": [64], "max_size": 96, "test_min_size": 64, "neck_channels": 32,
             "anchor_sizes": [16, 32, 64, 128, 256], "representation_size": 64}
     if kind == "keypoints":
         tiny["keypoint_head_channels"] = 32
@@ -179,13 +179,15 @@ def check(args) -> dict:
         for task in tasks:
             card = task_card(task)
             data = task_data(card, root, "full")
-            model_kw, aug_kw = model_settings(card, "full")
+            kind = KINDS[card.model.kind]
+            model_kw, aug_kw = kind.settings(card, "full")
             if args.tiny:
                 model_kw, aug_kw = tiny_settings(card.model.kind, model_kw, aug_kw)
-            augment = train_augment(card.model.kind, **aug_kw)
-            batches = engine_batches(data.train, augment, steps, seed=0)
             torch.manual_seed(0)
-            base = build_model(card.model.kind, build_backbone(arch), **model_kw)
+            backbone = build_backbone(arch)
+            base = kind.build_model(backbone, **model_kw)
+            augment = kind.train_augment(backbone, **aug_kw)
+            batches = engine_batches(data.train, augment, steps, seed=0)
             apply_protocol(base, base.backbone, "finetune", world_size=1, device=device)
             for prec, channels_last in settings:
                 with precision(prec, device):

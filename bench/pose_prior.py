@@ -72,9 +72,9 @@ def score_run(run: Path, data_root: Path, pose: np.ndarray, backbone: str | None
     from harness.cards import task_card
     from harness.engine import predict
     from harness.metrics.coco import coco_keypoint_metrics
-    from harness.models import build_model
     from harness.results import read_result
-    from harness.runner import model_settings, postprocess_for, task_data
+    from harness.kinds import keypoints
+    from harness.runner import task_data
 
     result = read_result(run / "result.json")
     card = task_card(result.task)
@@ -88,10 +88,10 @@ def score_run(run: Path, data_root: Path, pose: np.ndarray, backbone: str | None
     if (base.arch, base.checkpoint["sha256"]) != (result.backbone.arch, result.backbone.sha256):
         raise SystemExit(f"error: --backbone is not the backbone of {run} ({result.backbone.arch}, {result.backbone.sha256})")
     test = task_data(card, data_root, result.profile).test
-    model_kwargs, _ = model_settings(card, result.profile)
-    model = build_model("keypoints", base, **model_kwargs)
+    model_kwargs, _ = keypoints.settings(card, result.profile)
+    model = keypoints.build_model(base, **model_kwargs)
     model.load_state_dict(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["model"])
-    records = predict(model.eval(), test, postprocess=postprocess_for(card, test), progress=False)
+    records = predict(model.eval(), test, postprocess=keypoints.postprocess(card, test), progress=False)
     own = [p for r in records for p in r["keypoints"]]
     boxes = [b for r in records for b in r["boxes"]]
     people: dict = {}

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from harness.errors import HarnessError, first_problem
+from harness.kinds import KINDS
 
 PROFILES = ("full", "short", "smoke")
-PROTOCOLS = ("finetune", "frozen")
+PROTOCOLS = ("finetune", "frozen")  # the transfer protocols; harness/protocols.py says what each does
 
 
 TASKS_ENV = "HARNESS_TASKS"
@@ -45,9 +46,6 @@ def cards_dir() -> Path:
     return card_folder(TASKS_ENV, "tasks", "task_cards", "task cards")
 
 
-GN_GROUPS = 32  # groups of head_norm gn: GroupNorm's default (Wu & He, ECCV 2018), as detectron2
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -62,7 +60,7 @@ class Split(_Strict):
 
 class DatasetSpec(_Strict):
     name: str
-    layout: Literal["coco", "coco_keypoints", "voc_detection", "voc_segmentation"]
+    layout: str = Field(description="the on-disk layout; each kind lists the layouts it reads (LAYOUTS)")
     train: Split
     test: Split
     num_classes: int = Field(gt=0, description="object classes without background")
@@ -72,11 +70,26 @@ STAGES = ("stem", "c2", "c3", "c4", "c5")
 
 
 class ModelSpec(_Strict):
-    kind: Literal["detection", "segmentation", "keypoints"]
-    head: Literal["fpn", "c4", "aspp"]
-    frozen_stages: list[Literal["stem", "c2", "c3", "c4", "c5"]] = Field(
+    kind: str = Field(description="a task kind: a module of harness/kinds (harness.kinds.KINDS)")
+    head: str = Field(description="one of the kind's HEADS")
+    frozen_stages: list[Literal[STAGES]] = Field(
         default=list(STAGES), min_length=1,
         description="backbone stages the frozen protocol freezes (the rest train); all five by default")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in KINDS:
+            raise ValueError(f"unknown task kind {kind!r}: expected one of {', '.join(KINDS)}")
+        return kind
+
+    @field_validator("head")
+    @classmethod
+    def _kind_has_head(cls, head: str, info: ValidationInfo) -> str:
+        kind = info.data.get("kind")
+        if kind in KINDS and head not in KINDS[kind].HEADS:
+            raise ValueError(f"{kind} has no head {head!r}: expected one of {', '.join(KINDS[kind].HEADS)}")
+        return head
 
     @model_validator(mode="after")
     def _stages_once(self):
@@ -138,7 +151,7 @@ class Profile(_Strict):
     train_images: int | None = Field(default=None, gt=0, description="use only the first N training images (smoke)")
     checkpoint_period: int = Field(default=1000, gt=0)
     # segmentation (mmsegmentation): each field has the name of the builder/augmentation/TrainConfig
-    # argument it sets (harness.runner.model_settings and train_config)
+    # argument it sets (the kind's settings and harness.runner.train_config)
     output_stride: Literal[8, 16, 32] = Field(default=16, description="8 dilates ResNet layer3+layer4 (mmseg -d8)")
     aspp_dilations: list[int] | None = Field(default=None, description="ASPP branches; None: (1, 12, 24, 36) at OS 8, scaled")
     aux_channels: int = Field(default=256, gt=0, description="auxiliary FCN head width")
@@ -179,43 +192,22 @@ class TaskCard(_Strict):
     dataset: DatasetSpec
     model: ModelSpec
     metric: MetricSpec
-    protocols: list[Literal["finetune", "frozen"]]
-    profiles: dict[Literal["full", "short", "smoke"], Profile]
+    protocols: list[Literal[PROTOCOLS]]
+    profiles: dict[Literal[PROFILES], Profile]
 
     @model_validator(mode="after")
-    def _head_norm_fits(self):
+    def _kind_rules(self):
+        """The kind's layouts, the other kinds' own fields left unset, then the kind's own checks."""
+        kind = KINDS[self.model.kind]
+        if self.dataset.layout not in kind.LAYOUTS:
+            raise ValueError(f"dataset.layout {self.dataset.layout!r} is not one of the {self.model.kind} kind's "
+                             f"layouts ({', '.join(kind.LAYOUTS)})")
         for name, p in self.profiles.items():
-            if p.head_norm == "none":
-                continue
-            if self.model.head != "fpn":
-                raise ValueError(f"profile {name}: head_norm {p.head_norm} needs an FPN head, not {self.model.head}")
-            widths = {"neck_channels": p.neck_channels}
-            if self.model.kind == "keypoints":
-                widths["keypoint_head_channels"] = p.keypoint_head_channels
-            for key, width in widths.items():
-                if width % GN_GROUPS:
-                    raise ValueError(f"profile {name}: head_norm gn needs {key} divisible by {GN_GROUPS}, got {width}")
-        return self
-
-    @model_validator(mode="after")
-    def _settings_fit_head(self):
-        for name, p in self.profiles.items():
-            if p.c4_extra_norm and self.model.head != "c4":
-                raise ValueError(f"profile {name}: c4_extra_norm needs the c4 head, not {self.model.head}")
-        return self
-
-    @model_validator(mode="after")
-    def _segmentation_fields_fit(self):
-        seg_only = ("output_stride", "aspp_dilations", "aux_channels", "aux_loss_weight", "dropout",
-                    "cat_max_ratio", "photometric_distortion")
-        for name, p in self.profiles.items():
-            if self.model.kind == "segmentation":
-                if p.crop_size is None:
-                    raise ValueError(f"profile {name}: segmentation needs crop_size")
-                continue
-            used = sorted(set(seg_only) & p.model_fields_set)
-            if used:
-                raise ValueError(f"profile {name}: {', '.join(used)} apply to segmentation cards only")
+            for other, module in KINDS.items():
+                used = sorted(set(module.OWN_FIELDS) & p.model_fields_set) if other != self.model.kind else []
+                if used:
+                    raise ValueError(f"profile {name}: {', '.join(used)} apply to {other} cards only")
+        kind.check_card(self)
         return self
 
     def profile(self, name: str) -> Profile:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from harness import __version__
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line_warnings
 
 
 def _print_json(obj) -> None:
@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("score", help="score predictions made anywhere against ground truth")
-    p.add_argument("--task", required=True, choices=["coco", "voc", "seg", "pose"])
+    p.add_argument("--task", required=True,
+                   help="a task card's name (tasks/*.yaml, `harness tasks list`); it is scored as its kind scores")
     p.add_argument("--gt", required=True, help="ground truth: COCO JSON, or a VOCdevkit/VOC20xx folder")
     p.add_argument("--pred", required=True, help="predictions: COCO results JSON, or a folder of PNGs (seg)")
     p.add_argument("--split", default=None, help="VOC split (ImageSets list), e.g. test or val")
@@ -536,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with one_line_warnings():
+            return args.func(args)
     except HarnessError as exc:
         message = " ".join(str(exc).split())  # always one line
         print(f"harness: error: {message}", file=sys.stderr)

@@ -620,11 +620,7 @@ def precise_bn(net: nn.Module, loader: DataLoader, device: torch.device, dtype: 
 
 # ----------------------------------------------------------------------------- predict
 def default_postprocess(output: Any, target: Any) -> Any:
-    """Detection/pose dicts → CPU tensors; a segmentation logit map [C,H,W] → class-index mask."""
-    if torch.is_tensor(output) and output.dim() == 3:
-        from harness.models.segmentation import segmentation_postprocess
-
-        return segmentation_postprocess(output)
+    """The output on the CPU (a task kind passes its own ``postprocess``: harness.kinds)."""
     return to_cpu(output)
 
 

@@ -1,11 +1,39 @@
 """The one exception type for mistakes a user can make (bad file, missing data, wrong checkpoint).
 
 The CLI prints it as a single line and exits non-zero; anything else is a bug and keeps its traceback.
+Warnings meant for the user are HarnessWarnings, which the CLI prints as one line too.
 """
+
+import contextlib
+import sys
+import warnings
 
 
 class HarnessError(Exception):
     """A user-facing error: its message is the whole story, printed on one line."""
+
+
+class HarnessWarning(UserWarning):
+    """A user-facing warning (e.g. a VOC class without ground truth): the CLI prints it as one line."""
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Inside, a HarnessWarning prints as ``harness: warning: <message>``, one line on stderr with no
+    source line under it; other warnings keep Python's display. The CLI runs every command in it."""
+    with warnings.catch_warnings():  # restores warnings.showwarning on exit
+        previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, HarnessWarning):
+                return previous(message, category, filename, lineno, file, line)
+            try:
+                (sys.stderr if file is None else file).write(f"harness: warning: {' '.join(str(message).split())}\n")
+            except OSError:  # stderr gone: warnings' own display ignores it too
+                pass
+
+        warnings.showwarning = show
+        yield
 
 
 def field_path(loc) -> str:

@@ -29,7 +29,7 @@ import submitit
 
 from harness.errors import HarnessError
 from harness.files import write_json_atomic
-from harness.runner import EvalPlan, check_plan, collect, format_table, run_dir, run_eval
+from harness.runner import EvalPlan, check_plan, collect, run_dir, run_eval
 
 LAUNCHERS = ("inprocess", "local", "slurm")
 LAUNCH_FILE = "launch.json"

@@ -25,7 +25,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness.cards import TaskCard, all_cards
+from harness.cards import PROTOCOLS, TaskCard, all_cards
 from harness.errors import HarnessError, field_path as _field, first_problem
 from harness.results import MetricStats, Result, mean_std, read_result, read_results
 
@@ -71,7 +71,7 @@ class SubmittedTraining(_Model):
 
 class TaskResult(_Model):
     task: str = Field(description="task card name (tasks/<task>.yaml)")
-    protocol: Literal["finetune", "frozen"]
+    protocol: Literal[PROTOCOLS]
     profile: Literal["full", "short", "smoke"]
     card_hash: str = Field(pattern=SHA256, description="hash of the task card the runs were made with")
     seeds: list[int] = Field(min_length=1)
@@ -97,7 +97,7 @@ class Submission(_Model):
 
 class ReportedResult(_Model):
     task: str
-    protocol: Literal["finetune", "frozen"]
+    protocol: Literal[PROTOCOLS]
     metrics: dict[str, float] = Field(min_length=1)
     trials: int | None = Field(default=None, gt=0, description="runs the published mean is over")
 
@@ -714,7 +714,7 @@ class ReferenceBackbone(_Model):
 
 class ReferenceRun(_Model):
     task: str
-    protocol: Literal["finetune", "frozen"]
+    protocol: Literal[PROTOCOLS]
     profile: Literal["full", "short"]
     card_hash: str = Field(pattern=SHA256)
     seeds: list[int] = Field(min_length=MIN_SEEDS_FULL)

@@ -30,10 +30,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from harness.cards import STAGES
+from harness.cards import PROTOCOLS, STAGES
 from harness.errors import HarnessError
 
-PROTOCOLS = ("finetune", "frozen")
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
 _HOOKS_ATTR = "_harness_frozen_hooks"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
-import json
 import os
 import tempfile
 import time
@@ -19,20 +18,13 @@ from pathlib import Path
 import torch
 
 from harness.backbones import Backbone
-from harness.cards import TaskCard, backbone_card, task_card
+from harness.cards import PROTOCOLS, TaskCard, backbone_card, task_card
 from harness.datasets import roots
-from harness.datasets.coco import CocoDetection
 from harness.datasets.synthetic import MARKER, check_default_synthetic, write_synthetic_once
-from harness.datasets.voc import SEG_CLASSES, VOC_CLASSES, VOCDetection, VOCSegmentation, voc_year
 from harness.distributed import DistEnv, barrier, init_distributed
 from harness.engine import TrainConfig, amp_dtype, predict, train
 from harness.errors import HarnessError
-from harness.metrics.coco import coco_box_metrics, coco_keypoint_metrics
-from harness.metrics.segmentation import confusion_matrix, segmentation_metrics
-from harness.metrics.voc import voc_detection_metrics
-from harness.models import build_model, train_augment
-from harness.models.detection import pad_colour
-from harness.models.pose import keypoints_to_pixel_indices
+from harness.kinds import KINDS
 from harness.protocols import apply_protocol
 from harness.results import (RESULTS_NAME, Result, RunSummary, environment, git_commit, git_dirty, read_result,
                              summarize, write_result, write_results)
@@ -46,7 +38,7 @@ class EvalPlan:
     backbone: str
     arch: str | None = None
     tasks: list[str] = field(default_factory=lambda: ["coco", "voc", "seg", "pose"])
-    protocols: list[str] = field(default_factory=lambda: ["finetune", "frozen"])
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     profile: str = "smoke"
     data_root: Path | None = None
     synthetic: bool = False
@@ -71,79 +63,17 @@ class TaskData:
     test_split: str
 
 
-def _voc_sets(root: Path, sets) -> list[tuple[Path, str]]:
-    devkit = Path(roots.check_data_root(root)[1]["where"]).parent
-    return [(devkit / folder, split) for folder, split in sets]
-
-
 def task_data(card: TaskCard, root: Path, profile_name: str) -> TaskData:
-    """The card's train and test datasets under a data root; a missing dataset is a one-line error."""
-    spec = card.dataset
-    if spec.layout in ("coco", "coco_keypoints"):
-        coco = roots.require_coco(root, [spec.train.annotations, spec.train.images, spec.test.annotations, spec.test.images])
-        kp = spec.layout == "coco_keypoints"
-        train_ds = CocoDetection(coco / spec.train.annotations, coco / spec.train.images, keypoints=kp, train=True)
-        test_ds = CocoDetection(coco / spec.test.annotations, coco / spec.test.images, keypoints=kp, train=False)
-        names = (spec.train.annotations, spec.test.annotations)
-    elif spec.layout == "voc_detection":
-        for folder, _ in spec.train.sets + spec.test.sets:
-            roots.require(root, folder)
-        train_ds = VOCDetection(_voc_sets(root, spec.train.sets))
-        test_ds = VOCDetection(_voc_sets(root, spec.test.sets))
-        names = ("+".join(f"{f}/{s}" for f, s in spec.train.sets), "+".join(f"{f}/{s}" for f, s in spec.test.sets))
-    else:
-        roots.require(root, "VOC2012")
-        (voc12, train_split), (_, test_split) = _voc_sets(root, spec.train.sets)[0], _voc_sets(root, spec.test.sets)[0]
-        sbd = None
-        if train_split == "train_aug" and not (voc12 / "ImageSets/Segmentation/train_aug.txt").is_file():
-            roots.require(root, "SBD (train_aug)")
-            sbd = roots.sbd_dir(root)
-        train_ds = VOCSegmentation(voc12, train_split, sbd_dir=sbd)
-        test_ds = VOCSegmentation(voc12, test_split)
-        names = (f"VOC2012/{train_split}", f"VOC2012/{test_split}")
+    """The card's train and test datasets under a data root (its kind's ``datasets``), the training
+    set cut to the profile's ``train_images``; a missing dataset is a one-line error."""
+    train_ds, test_ds, *names = KINDS[card.model.kind].datasets(card, root)
     limit = card.profile(profile_name).train_images
     if limit is not None and limit < len(train_ds):
         train_ds = torch.utils.data.Subset(train_ds, range(limit))
     return TaskData(train_ds, test_ds, *names)
 
 
-# ----------------------------------------------------------------------------- model + schedule
-R_CNN_SETTINGS = ("rpn_pre_nms_topk_train", "rpn_pre_nms_topk_test", "rpn_post_nms_topk_train", "rpn_smooth_l1_beta",
-                  "box_smooth_l1_beta", "roi_align_aligned", "roi_align_sampling_ratio", "proposals_test")
-
-
-def model_settings(card: TaskCard, profile_name: str) -> tuple[dict, dict]:
-    """Keyword arguments of the model builder and of the training augmentation."""
-    p = card.profile(profile_name)
-    kind, head = card.model.kind, card.model.head
-    if kind == "segmentation":
-        model = {"num_classes": card.dataset.num_classes + 1, "aspp_channels": p.neck_channels,
-                 "output_stride": p.output_stride, "aspp_dilations": p.aspp_dilations, "aux_channels": p.aux_channels,
-                 "aux_loss_weight": p.aux_loss_weight, "dropout": p.dropout, "test_min_size": p.test_min_size,
-                 "max_size": p.max_size}
-        aug = {"crop_size": p.crop_size, "scale": (p.max_size, p.min_size[0]), "ratio_range": tuple(p.scale_range),
-               "cat_max_ratio": p.cat_max_ratio, "photometric_distortion": p.photometric_distortion,
-               "flip_prob": 0.5 if p.flip else 0.0}
-        return model, aug
-    sizes = {"min_size": list(p.min_size), "max_size": p.max_size, "test_min_size": p.test_min_size,
-             "fpn_channels": p.neck_channels}
-    if p.anchor_sizes:
-        sizes["anchor_sizes"] = list(p.anchor_sizes)
-    sizes["box_batch_size_per_image"] = p.roi_batch_per_image
-    sizes["representation_size"] = p.representation_size
-    sizes["head_norm"] = p.head_norm
-    sizes.update({k: getattr(p, k) for k in R_CNN_SETTINGS if getattr(p, k) is not None})
-    flip = {"flip_prob": 0.5 if p.flip else 0.0}
-    if kind == "keypoints":
-        return {**sizes, "keypoint_head_layers": p.keypoint_head_layers,
-                "keypoint_head_channels": p.keypoint_head_channels, "keypoint_pool_size": p.keypoint_pool_size}, flip
-    detector = {"num_classes": card.dataset.num_classes, "head": head, **sizes}
-    if head == "c4":
-        detector["c4_pool_size"] = p.c4_pool_size
-        detector["c4_extra_norm"] = p.c4_extra_norm
-    return detector, flip
-
-
+# ----------------------------------------------------------------------------- schedule
 def train_config(card: TaskCard, profile_name: str, seed: int, batch_size: int | None = None, workers: int = 0,
                  precision: str | None = None, accumulate: int = 1) -> TrainConfig:
     """The card's schedule. Another total batch keeps the card's epochs (detectron2's
@@ -176,58 +106,11 @@ def off_protocol(card: TaskCard, profile_name: str, cfg: TrainConfig) -> list[st
 
 
 # ----------------------------------------------------------------------------- predictions -> metrics
-def _box_records(output: dict, image_id, category_of_label) -> list[dict]:
-    boxes = output["boxes"].tolist()
-    records = []
-    for (x1, y1, x2, y2), label, score in zip(boxes, output["labels"].tolist(), output["scores"].tolist()):
-        records.append({"image_id": image_id, "category_id": category_of_label(int(label)),
-                        "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
-    return records
-
-
-def postprocess_for(card: TaskCard, test_ds):
-    """Turn one image's model output into the small picklable record gathered on rank 0."""
-    kind = card.model.kind
-    if kind == "segmentation":
-        k = card.dataset.num_classes + 1
-
-        def seg(output, target):
-            labels = output.argmax(0).cpu().numpy()
-            return confusion_matrix(target.cpu().numpy(), labels, k)
-
-        return seg
-    if isinstance(test_ds, VOCDetection):
-        return lambda output, target: _box_records(output, target["image_id"], int)
-    if kind == "keypoints":
-        person = test_ds.category_ids[0]
-
-        def keypoints(output, target):
-            boxes = _box_records(output, target["image_id"], lambda _: person)
-            kps = keypoints_to_pixel_indices(output["keypoints"]).tolist()
-            return {"boxes": boxes, "keypoints": [
-                {"image_id": target["image_id"], "category_id": person, "score": b["score"],
-                 "keypoints": [v for point in k for v in point]} for b, k in zip(boxes, kps)]}
-
-        return keypoints
-    return lambda output, target: _box_records(output, target["image_id"], test_ds.category_id)
-
-
 def score_predictions(card: TaskCard, test_ds, records: list) -> dict:
     """Metrics (percent) of the gathered per-image records, with the metric code `harness score` uses."""
     if len(records) != len(test_ds):
         raise RuntimeError(f"{len(records)} predictions for {len(test_ds)} test images")
-    kind = card.model.kind
-    if kind == "segmentation":
-        return segmentation_metrics(sum(records), SEG_CLASSES)
-    if isinstance(test_ds, VOCDetection):
-        voc_dir = test_ds.items[0][0]
-        preds = [p for r in records for p in r]
-        return voc_detection_metrics([ann for _, ann in test_ds.items], preds, voc_year(voc_dir) < 2010, VOC_CLASSES)
-    if kind == "keypoints":
-        metrics = coco_keypoint_metrics(test_ds.gt, [p for r in records for p in r["keypoints"]])
-        boxes = coco_box_metrics(test_ds.gt, [p for r in records for p in r["boxes"]])
-        return {**metrics, **{f"box_{k}": v for k, v in boxes.items()}}
-    return coco_box_metrics(test_ds.gt, [p for r in records for p in r])
+    return KINDS[card.model.kind].score_records(card, test_ds, records)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -250,22 +133,8 @@ def _finished(path: Path, card: TaskCard, backbone: Backbone, profile: str) -> R
 
 
 def training_groups(card: TaskCard, profile_name: str, data: TaskData) -> list[int] | None:
-    """Aspect-ratio groups for R-CNN cards that ask for them (segmentation trains on square crops)."""
-    if card.model.kind == "segmentation" or not card.profile(profile_name).aspect_ratio_grouping:
-        return None
-    return aspect_groups(data.train)
-
-
-def aspect_groups(dataset) -> list[int] | None:
-    """detectron2's aspect-ratio groups (0: landscape, 1: portrait or square) of each training image,
-    from the annotations; None when the dataset does not know its image sizes."""
-    base, indices = dataset, None
-    if isinstance(dataset, torch.utils.data.Subset):
-        base, indices = dataset.dataset, list(dataset.indices)
-    if not hasattr(base, "image_sizes"):
-        return None
-    sizes = base.image_sizes()
-    return [0 if w > h else 1 for h, w in (sizes if indices is None else [sizes[i] for i in indices])]
+    """The kind's batching groups of the training images (R-CNN: aspect ratios), or None."""
+    return KINDS[card.model.kind].train_groups(card, profile_name, data.train)
 
 
 def loader_workers(plan: EvalPlan, env: DistEnv) -> int:
@@ -281,13 +150,12 @@ def build_cell(plan: EvalPlan, env: DistEnv, card: TaskCard, base: Backbone, pro
     with its protocol record and training augmentation."""
     torch.manual_seed(seed)  # the heads' initialisation depends on the seed
     backbone = copy.deepcopy(base)
-    model_kwargs, aug_kwargs = model_settings(card, plan.profile)
-    if card.model.kind == "segmentation":  # mmseg 0.x pads after Normalize: 0 there is the mean colour
-        aug_kwargs["pad_value"] = pad_colour(base)
-    model = build_model(card.model.kind, backbone, **model_kwargs)
+    kind = KINDS[card.model.kind]
+    model_kwargs, aug_kwargs = kind.settings(card, plan.profile)
+    model = kind.build_model(backbone, **model_kwargs)
     info = apply_protocol(model, backbone, protocol, world_size=env.world_size, device=env.device,
                           frozen_stages=card.model.frozen_stages)
-    return model, backbone, info, train_augment(card.model.kind, **aug_kwargs)
+    return model, backbone, info, kind.train_augment(base, **aug_kwargs)
 
 
 def cell_plan(plan: EvalPlan, card: TaskCard, data: TaskData, protocol: str, seed: int) -> dict:
@@ -323,13 +191,13 @@ DRY_RUN_IMAGES = 2  # test images it predicts
 def dry_run_cell(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: Backbone, protocol: str,
                  seed: int) -> float:
     """Build the cell's model as the real run would, train it ``DRY_RUN_ITERATIONS`` steps at the
-    profile's image sizes (1 image per process and micro-batch, 2 for segmentation; the schedule's lr) in a
+    profile's image sizes (the kind's MIN_IMAGES_PER_PROCESS per process and micro-batch; the schedule's lr) in a
     temporary folder, and predict ``DRY_RUN_IMAGES`` test images through the records code.
     Returns the seconds it took; writes nothing under ``plan.out``."""
     began = time.perf_counter()
     model, _, _, augment = build_cell(plan, env, card, base, protocol, seed)
     full = train_config(card, plan.profile, seed, plan.batch_size, 0, plan.precision, plan.accumulate)
-    per_process = 2 if card.model.kind == "segmentation" else 1  # BatchNorm in the ASPP head needs 2
+    per_process = KINDS[card.model.kind].MIN_IMAGES_PER_PROCESS
     cfg = dataclasses.replace(full, iterations=DRY_RUN_ITERATIONS, steps=(), warmup_iters=min(full.warmup_iters, 1),
                               batch_size=per_process * env.world_size * full.accumulate,
                               checkpoint_period=DRY_RUN_ITERATIONS,
@@ -338,8 +206,8 @@ def dry_run_cell(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, b
         train(model, data.train, cfg, Path(tmp) / "run", augment=augment, env=env, progress=False,
               groups=training_groups(card, plan.profile, data))
     test = torch.utils.data.Subset(data.test, range(min(DRY_RUN_IMAGES, len(data.test))))
-    records = predict(model, test, env=env, postprocess=postprocess_for(card, data.test), precision=cfg.precision,
-                      progress=False)
+    records = predict(model, test, env=env, postprocess=KINDS[card.model.kind].postprocess(card, data.test),
+                      precision=cfg.precision, progress=False)
     if env.is_main and len(records) != len(test):
         raise RuntimeError(f"dry run: {len(records)} predictions for {len(test)} images")
     return time.perf_counter() - began
@@ -361,8 +229,8 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
     trained = train(model, data.train, cfg, path, augment=augment, env=env,
                     progress=plan.progress, desc=f"{card.name}/{protocol}/seed{seed}", identity=identity,
                     groups=training_groups(card, plan.profile, data), stop_requested=stop_requested)
-    records = predict(model, data.test, env=env, postprocess=postprocess_for(card, data.test), num_workers=workers,
-                      precision=cfg.precision, progress=plan.progress, desc=f"{card.name} predict")
+    records = predict(model, data.test, env=env, postprocess=KINDS[card.model.kind].postprocess(card, data.test),
+                      num_workers=workers, precision=cfg.precision, progress=plan.progress, desc=f"{card.name} predict")
     result = None
     if env.is_main:
         metrics = score_predictions(card, data.test, records)
@@ -440,10 +308,11 @@ def run_eval(plan: EvalPlan) -> list[RunSummary]:
     for card in cards:
         amp_dtype(plan.precision or card.profile(plan.profile).precision, env.device)  # refused before any training
         batch = plan.batch_size or card.profile(plan.profile).batch_size
-        if card.model.kind == "segmentation" and batch // (env.world_size * plan.accumulate) < 2 and not sync_bn:
-            raise HarnessError(f"{card.name}: the ASPP head's BatchNorm needs at least 2 images per process and "
-                               f"micro-batch; a total batch of {batch} on {env.world_size} process(es) with "
-                               f"{plan.accumulate} accumulation step(s) gives fewer")
+        kind = KINDS[card.model.kind]
+        if batch // (env.world_size * plan.accumulate) < kind.MIN_IMAGES_PER_PROCESS and not sync_bn:
+            raise HarnessError(f"{card.name}: {kind.MIN_IMAGES_REASON} needs at least {kind.MIN_IMAGES_PER_PROCESS} "
+                               f"images per process and micro-batch; a total batch of {batch} on {env.world_size} "
+                               f"process(es) with {plan.accumulate} accumulation step(s) gives fewer")
     if is_card_name(plan.backbone) and env.world_size > 1:  # one download, then every rank verifies and loads
         if env.is_main:
             fetch_backbone(backbone_card(plan.backbone), progress=plan.progress)

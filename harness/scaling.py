@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from harness.cards import PROTOCOLS
 from harness.datasets.labelled import check_fraction
 from harness.errors import HarnessError
 from harness.files import atomic_write
@@ -42,7 +43,7 @@ class ScalingPlan:
     out: Path
     data: str | None = None
     tasks: list[str] = field(default_factory=lambda: ["voc", "seg"])
-    protocols: list[str] = field(default_factory=lambda: ["finetune", "frozen"])
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     profile: str = "short"
     seeds: int = 1
     synthetic: bool = False

@@ -26,7 +26,7 @@ from harness.backbones import FeatureInfo, build_backbone
 from harness.cards import cards_dir
 from harness.cli import main
 from harness.engine import TrainConfig
-from harness.models import build_detector
+from harness.models.detection import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,10 +143,10 @@ class Shapes(Dataset):
 
 def tiny_detector(backbone: nn.Module | None = None, head: str = "fpn", num_classes: int = 2, **kw) -> nn.Module:
     backbone = backbone if backbone is not None else tiny_backbone()
-    opts = dict(min_size=64, max_size=96, anchor_sizes=SMALL_ANCHORS, box_batch_size_per_image=64,
+    opts = dict(min_size=64, max_size=96, anchor_sizes=SMALL_ANCHORS, roi_batch_per_image=64,
                 rpn_batch_size_per_image=64)
     if head == "fpn":
-        opts.update(fpn_channels=32, representation_size=64)
+        opts.update(neck_channels=32, representation_size=64)
     opts.update(kw)
     return build_detector(backbone, num_classes, head=head, **opts)
 

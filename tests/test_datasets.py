@@ -11,9 +11,15 @@ import torch
 from scipy.io import savemat
 
 from harness.datasets.coco import CocoDetection, load_coco_gt
-from harness.datasets.images import read_label_png
 from harness.datasets.roots import check_data_root, require
-from harness.datasets.voc import VOC_CLASSES, VOCDetection, VOCSegmentation, load_voc_detection, read_voc_xml
+from harness.datasets.voc import (
+    VOC_CLASSES,
+    VOCDetection,
+    VOCSegmentation,
+    load_voc_detection,
+    read_label_png,
+    read_voc_xml,
+)
 from harness.errors import HarnessError
 from tests.support import run_cli
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from harness.engine import TrainConfig, lr_factor, predict, sample_seed, train
 from harness.errors import HarnessError
-from harness.models import detection_train_augment
+from harness.models.detection import detection_train_augment
 from harness.protocols import apply_protocol
 from tests.support import Shapes, Toy, ToyData, tiny_backbone, tiny_detector
 from tests.support import toy_config as _cfg
@@ -182,11 +182,11 @@ def test_too_small_dataset_and_indivisible_batch(tmp_path):
 
 
 def test_train_a_segmenter_with_its_augmentation(tmp_path):
-    from harness.models import build_segmenter, segmentation_train_augment
+    from harness.models.segmentation import build_segmenter, segmentation_train_augment
 
     torch.manual_seed(0)
     backbone = tiny_backbone()
-    model = build_segmenter(backbone, num_classes=3, aspp_channels=8)
+    model = build_segmenter(backbone, num_classes=3, neck_channels=8)
     apply_protocol(model, backbone, "frozen")
     result = train(model, Shapes(4, kind="segmentation"), _cfg(iterations=2, checkpoint_period=2), tmp_path,
                    augment=segmentation_train_augment(crop_size=48), progress=False)
@@ -218,10 +218,11 @@ def test_predict_on_a_detector_and_a_segmenter():
     torch.manual_seed(0)
     preds = predict(tiny_detector(), Shapes(3), progress=False)
     assert len(preds) == 3 and {"boxes", "labels", "scores"} <= set(preds[0])
-    from harness.models import build_segmenter
+    from harness.models.segmentation import build_segmenter, segmentation_postprocess
 
-    seg = build_segmenter(tiny_backbone(), num_classes=3, aspp_channels=8)
-    masks = predict(seg, Shapes(2, kind="segmentation"), progress=False)
+    seg = build_segmenter(tiny_backbone(), num_classes=3, neck_channels=8)
+    masks = predict(seg, Shapes(2, kind="segmentation"), postprocess=lambda out, _: segmentation_postprocess(out),
+                    progress=False)
     assert masks[0].dtype == torch.uint8 and masks[0].shape == (64, 80)
 
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from harness.backbones import build_backbone
 from harness.cards import all_cards, task_card
-from harness.models import build_model
 from harness.models.detection import FP32AnchorGenerator, FP32BoxCoder, RoIAlignV2, pad_colour
-from harness.runner import model_settings, train_config
+from harness.kinds import KINDS
+from harness.runner import train_config
 
 FIDELITY = Path(__file__).resolve().parents[1] / "tasks" / "FIDELITY.md"
 
@@ -76,7 +76,7 @@ READERS = {
     "test_min_size": lambda m, cfg, bb: m.transform.min_size[0],
     "max_size": lambda m, cfg, bb: m.transform.max_size,
     "size_divisible": lambda m, cfg, bb: m.transform.size_divisible,
-    "fpn_channels": lambda m, cfg, bb: m.backbone.out_channels,
+    "neck_channels": lambda m, cfg, bb: m.backbone.out_channels,
     "anchor_sizes": lambda m, cfg, bb: [s for sizes in m.rpn.anchor_generator.sizes for s in sizes],
     "rpn_pre_nms_topk_train": lambda m, cfg, bb: m.rpn._pre_nms_top_n["training"],
     "rpn_pre_nms_topk_test": lambda m, cfg, bb: m.rpn._pre_nms_top_n["testing"],
@@ -134,8 +134,9 @@ def test_full_model_matches_the_fidelity_table(name):
     card = task_card(name)
     torch.manual_seed(0)
     backbone = build_backbone("resnet50")
-    model_kwargs, _ = model_settings(card, "full")
-    model = build_model(card.model.kind, backbone, **model_kwargs)
+    kind = KINDS[card.model.kind]
+    model_kwargs, _ = kind.settings(card, "full")
+    model = kind.build_model(backbone, **model_kwargs)
     cfg = train_config(card, "full", seed=0)
     wrong = []
     for key, text in CHECKS[name]:

@@ -39,10 +39,10 @@ def test_keypoint_model_trains_in_channels_last():
     import torch
 
     from harness.backbones import build_backbone
-    from harness.models import build_keypoint_model
+    from harness.models.pose import build_keypoint_model
 
     torch.manual_seed(0)
-    model = build_keypoint_model(build_backbone("resnet18"), min_size=64, max_size=96, test_min_size=64, fpn_channels=16,
+    model = build_keypoint_model(build_backbone("resnet18"), min_size=64, max_size=96, test_min_size=64, neck_channels=16,
                                  keypoint_head_channels=16, keypoint_head_layers=1, representation_size=32)
     model.to(memory_format=torch.channels_last).train()
     kps = torch.zeros(1, 17, 3)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.datasets.images import read_label_png, voc_colormap
+from harness.datasets.voc import read_label_png, voc_colormap
 from harness.errors import HarnessError
 from harness.metrics.segmentation import confusion_matrix, segmentation_metrics
 from tests.support import run_cli

@@ -9,17 +9,15 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.models import (
+from harness.models.detection import detection_train_augment
+from harness.models.pose import (
     COCO_KEYPOINT_FLIP,
     build_keypoint_model,
-    build_model,
-    build_segmenter,
-    detection_train_augment,
+    hflip_keypoints,
     keypoint_train_augment,
-    segmentation_train_augment,
-    train_augment,
+    keypoints_to_pixel_indices,
 )
-from harness.models.pose import hflip_keypoints, keypoints_to_pixel_indices
+from harness.models.segmentation import build_segmenter, segmentation_train_augment
 from tests.support import SMALL_ANCHORS, PyramidStandIn, Shapes, tiny_backbone, tiny_detector
 
 
@@ -108,7 +106,7 @@ def test_transform_multiscale_train_and_fixed_test_size():
 def test_segmenter_dilates_res5_for_output_stride_16():
     torch.manual_seed(0)
     backbone = tiny_backbone()
-    model = build_segmenter(backbone, num_classes=3, aspp_channels=16)
+    model = build_segmenter(backbone, num_classes=3, neck_channels=16)
     assert model.feature == "c5" and model.output_stride == 16
     convs = [m for m in backbone.layer4.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.stride == (1, 1) for c in convs)
@@ -130,7 +128,7 @@ def test_segmenter_dilates_res5_for_output_stride_16():
 
 
 def test_segmenter_uses_c4_without_a_res5_stage():
-    model = build_segmenter(PyramidStandIn(), num_classes=3, aspp_channels=8)
+    model = build_segmenter(PyramidStandIn(), num_classes=3, neck_channels=8)
     assert model.feature == "c4" and model.output_stride == 16
     with pytest.raises(HarnessError, match="output stride 8 .* needs a ResNet"):
         build_segmenter(PyramidStandIn(), num_classes=3, output_stride=8)
@@ -141,7 +139,7 @@ def test_segmenter_uses_c4_without_a_res5_stage():
 def test_keypoint_model_losses_and_predictions(pool):
     torch.manual_seed(0)
     model = build_keypoint_model(
-        tiny_backbone(), min_size=64, max_size=96, test_min_size=64, fpn_channels=32, representation_size=64,
+        tiny_backbone(), min_size=64, max_size=96, test_min_size=64, neck_channels=32, representation_size=64,
         keypoint_head_channels=16, keypoint_head_layers=2, anchor_sizes=SMALL_ANCHORS, keypoint_pool_size=pool,
     )
     heatmaps = []
@@ -167,7 +165,7 @@ def test_head_norm_gn_makes_the_neck_and_keypoint_head_scale_invariant():
     torch.manual_seed(0)
     backbone = tiny_backbone().eval()
     model = build_keypoint_model(
-        backbone, min_size=64, max_size=96, test_min_size=64, fpn_channels=32, representation_size=64,
+        backbone, min_size=64, max_size=96, test_min_size=64, neck_channels=32, representation_size=64,
         keypoint_head_channels=32, keypoint_head_layers=2, anchor_sizes=SMALL_ANCHORS, head_norm="gn",
     )
     head = model.roi_heads.keypoint_head
@@ -194,7 +192,7 @@ def test_head_norm_errors():
     with pytest.raises(HarnessError, match="head_norm must be one of none, gn"):
         tiny_detector(head_norm="bn")
     with pytest.raises(HarnessError, match="divisible by 32, got 16"):
-        tiny_detector(fpn_channels=16, head_norm="gn")
+        tiny_detector(neck_channels=16, head_norm="gn")
     with pytest.raises(HarnessError, match="C4 model has no FPN"):
         tiny_detector(head="c4", head_norm="gn")
     assert sum(isinstance(m, nn.GroupNorm) for m in tiny_detector(head_norm="gn").modules()) == 8
@@ -246,13 +244,3 @@ def test_segmentation_augment_crops_pads_and_is_seeded():
     a = aug2(image, mask, torch.Generator().manual_seed(3))
     b = aug2(image, mask, torch.Generator().manual_seed(3))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
-def test_build_model_dispatch_and_bad_settings():
-    model = build_model("segmentation", PyramidStandIn(), num_classes=3, aspp_channels=8)
-    assert model.head_type == "deeplabv3"
-    with pytest.raises(HarnessError, match="bad model settings"):
-        build_model("detection", PyramidStandIn(), num_classes=2, fpn_width=8)
-    with pytest.raises(HarnessError, match="unknown task kind"):
-        build_model("depth", PyramidStandIn())
-    assert callable(train_augment("keypoints", flip_prob=0.5))

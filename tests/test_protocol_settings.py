@@ -15,10 +15,11 @@ from harness.cards import all_cards, task_card
 from harness.cli import main as harness_main
 from harness.engine import TrainConfig, predict, train
 from harness.errors import HarnessError
-from harness.models import build_model, train_augment
 from harness.models.detection import build_detector, pad_colour
 from harness.protocols import apply_protocol
-from harness.runner import format_table, model_settings, off_protocol, train_config
+from harness.kinds import KINDS
+from harness.kinds.detection import aspect_groups
+from harness.runner import format_table, off_protocol, train_config
 
 
 # ----------------------------------------------------------------------------- total batch
@@ -115,7 +116,7 @@ def test_proposals_under_bf16_autocast_equal_fp32_ones():
     head outputs (values a bf16 head would give), bf16 autocast and fp32 give the same proposals."""
     torch.manual_seed(0)
     backbone = build_backbone("resnet18")
-    model = build_detector(backbone, num_classes=3, min_size=800, max_size=1333, fpn_channels=64).eval()
+    model = build_detector(backbone, num_classes=3, min_size=800, max_size=1333, neck_channels=64).eval()
     images, _ = model.transform([_tiny_image(0, (3, 600, 1000))])
     features = model.backbone(images.tensors)
     objectness, deltas = model.rpn.head(list(features.values()))
@@ -144,8 +145,9 @@ def test_every_task_model_trains_and_predicts_under_cpu_bf16_autocast(task, tmp_
     card = task_card(task)
     torch.manual_seed(0)
     backbone = build_backbone("resnet18")
-    kwargs, aug = model_settings(card, "smoke")
-    model = build_model(card.model.kind, backbone, **kwargs)
+    kind = KINDS[card.model.kind]
+    kwargs, aug = kind.settings(card, "smoke")
+    model = kind.build_model(backbone, **kwargs)
     apply_protocol(model, backbone, "finetune")
     if card.model.kind == "segmentation":
         items = [(_tiny_image(i), torch.randint(0, 21, (96, 128), generator=torch.Generator().manual_seed(i)))
@@ -171,7 +173,7 @@ def test_every_task_model_trains_and_predicts_under_cpu_bf16_autocast(task, tmp_
             return items[i]
 
     cfg = TrainConfig(iterations=1, batch_size=2, lr=0.001, warmup_iters=0, precision="bf16", checkpoint_period=1)
-    result = train(model, Items(), cfg, tmp_path / "run", augment=train_augment(card.model.kind, **aug), progress=False)
+    result = train(model, Items(), cfg, tmp_path / "run", augment=kind.train_augment(backbone, **aug), progress=False)
     assert result.precision == "bf16" and all(torch.isfinite(torch.tensor(v)) for v in result.final_losses.values())
     outputs = predict(model, Items(), precision="bf16", postprocess=lambda out, target: out, progress=False)
     assert len(outputs) == 2
@@ -326,7 +328,6 @@ class Recorder(nn.Module):
 
 
 def test_aspect_ratio_grouping_batches_landscape_and_portrait_apart_and_resumes(tmp_path):
-    from harness.runner import aspect_groups
 
     sizes = [(100, 200) if i % 3 else (200, 100) for i in range(30)]  # (h, w): two thirds landscape
     data = Sized(sizes)

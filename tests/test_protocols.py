@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.models import build_segmenter
+from harness.models.segmentation import build_segmenter
 from harness.protocols import apply_protocol, convert_sync_batchnorm
 from tests.support import Shapes, tiny_backbone, tiny_detector
 
@@ -65,12 +65,12 @@ def test_frozen_keypoint_model_with_group_norm_through_the_engine(tmp_path):
     """The real path: a GN keypoint model trained by ``engine.train`` (weight decay, clipping, a
     checkpoint) leaves the frozen backbone bit-identical while the FPN's GroupNorm learns."""
     from harness.engine import TrainConfig, train
-    from harness.models import build_keypoint_model, keypoint_train_augment
+    from harness.models.pose import build_keypoint_model, keypoint_train_augment
     from tests.support import SMALL_ANCHORS
 
     torch.manual_seed(0)
     backbone = tiny_backbone()
-    model = build_keypoint_model(backbone, min_size=64, max_size=96, test_min_size=64, fpn_channels=32,
+    model = build_keypoint_model(backbone, min_size=64, max_size=96, test_min_size=64, neck_channels=32,
                                  representation_size=64, keypoint_head_channels=32, keypoint_head_layers=2,
                                  anchor_sizes=SMALL_ANCHORS, head_norm="gn")
     apply_protocol(model, backbone, "frozen", world_size=1)
@@ -128,7 +128,7 @@ def test_syncbn_only_on_cuda_with_several_processes():
 
 def test_frozen_with_sync_heads_keeps_backbone_batchnorm():
     backbone = tiny_backbone()
-    model = build_segmenter(backbone, num_classes=3, aspp_channels=8)
+    model = build_segmenter(backbone, num_classes=3, neck_channels=8)
     apply_protocol(model, backbone, "frozen", world_size=2, device="cuda")
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in backbone.modules())
     assert any(isinstance(m, nn.SyncBatchNorm) for m in model.classifier.modules())

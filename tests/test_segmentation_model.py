@@ -16,17 +16,19 @@ from harness.backbones import build_backbone
 from harness.cards import cards_dir, load_card, task_card
 from harness.engine import lr_factor, make_optimizer
 from harness.errors import HarnessError
-from harness.models import build_segmenter, segmentation_train_augment
+from harness.kinds.segmentation import settings as model_settings
 from harness.models.detection import pad_colour
 from harness.models.segmentation import (
     IGNORE_INDEX,
+    build_segmenter,
     distort_photometric,
     random_crop_box,
     rescale_size,
     scale_saturation,
+    segmentation_train_augment,
 )
 from harness.protocols import apply_protocol, is_norm
-from harness.runner import model_settings, train_config
+from harness.runner import train_config
 from tests.support import PyramidStandIn, Shapes
 
 
@@ -39,7 +41,7 @@ def test_dilated_resnet50_equals_torchvision_replace_stride_with_dilation():
     torch.manual_seed(0)
     backbone = build_backbone("resnet50")
     before = _snapshot(backbone)
-    model = build_segmenter(backbone, num_classes=21, aspp_channels=16, output_stride=8)
+    model = build_segmenter(backbone, num_classes=21, neck_channels=16, output_stride=8)
     after = _snapshot(backbone)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     ref = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])
@@ -63,14 +65,14 @@ def test_dilated_resnet50_equals_torchvision_replace_stride_with_dilation():
 def test_aspp_and_aux_head_on_resnet18_at_output_stride_8():
     torch.manual_seed(0)
     backbone = build_backbone("resnet18")
-    model = build_segmenter(backbone, num_classes=21, aspp_channels=16, output_stride=8,
+    model = build_segmenter(backbone, num_classes=21, neck_channels=16, output_stride=8,
                             aspp_dilations=[1, 12, 24, 36], aux_channels=8, aux_loss_weight=0.4, dropout=0.1)
     # BasicBlocks as mmseg's: conv1 carries the dilation, conv2 stays at 1
     assert [b.conv1.dilation[0] for b in backbone.layer3] == [1, 2]
     assert [b.conv1.dilation[0] for b in backbone.layer4] == [2, 4]
     assert all(b.conv2.dilation == (1, 1) for b in (*backbone.layer3, *backbone.layer4))
     head = model.classifier
-    assert model.aspp_dilations == (1, 12, 24, 36) and model.aspp_channels == 16 and model.dropout == 0.1
+    assert model.aspp_dilations == (1, 12, 24, 36) and model.neck_channels == 16 and model.dropout == 0.1
     convs = [branch[0] for branch in head.aspp]
     assert [(c.kernel_size[0], c.dilation[0], c.padding[0]) for c in convs] == [(1, 1, 0), (3, 12, 12), (3, 24, 24), (3, 36, 36)]
     assert all(c.in_channels == 512 for c in convs)  # c5 of resnet18, from feature_info
@@ -96,7 +98,7 @@ def test_aspp_and_aux_head_on_resnet18_at_output_stride_8():
 
 
 def test_output_stride_8_refuses_a_backbone_without_resnet_stages():
-    model = build_segmenter(PyramidStandIn(), num_classes=3, aspp_channels=8, output_stride=16)
+    model = build_segmenter(PyramidStandIn(), num_classes=3, neck_channels=8, output_stride=16)
     assert model.feature == "c4" and model.aspp_dilations == (1, 6, 12, 18)
     with pytest.raises(HarnessError, match="output stride 8 .* needs a ResNet with layer3/layer4"):
         build_segmenter(PyramidStandIn(), num_classes=3, output_stride=8)
@@ -104,7 +106,7 @@ def test_output_stride_8_refuses_a_backbone_without_resnet_stages():
 
 def test_loss_averages_over_every_pixel_as_mmseg():
     torch.manual_seed(0)
-    model = build_segmenter(build_backbone("resnet18"), num_classes=3, aspp_channels=8, dropout=0.0,
+    model = build_segmenter(build_backbone("resnet18"), num_classes=3, neck_channels=8, dropout=0.0,
                             aux_loss_weight=0.4, aux_channels=8)
     seen = {}
     model.classifier.register_forward_hook(lambda m, i, o: seen.__setitem__("main", o))
@@ -126,7 +128,7 @@ def test_loss_averages_over_every_pixel_as_mmseg():
 def test_frozen_output_stride_8_backbone_stays_bit_identical():
     torch.manual_seed(0)
     backbone = build_backbone("resnet18")
-    model = build_segmenter(backbone, num_classes=3, aspp_channels=8, output_stride=8, aux_loss_weight=0.4,
+    model = build_segmenter(backbone, num_classes=3, neck_channels=8, output_stride=8, aux_loss_weight=0.4,
                             aux_channels=8)
     apply_protocol(model, backbone, "frozen")
     before = _snapshot(backbone)
@@ -149,7 +151,7 @@ def test_test_resize_scale_as_mmcv_imrescale():
     assert rescale_size(100, 1000, 512, 2048) == (205, 2048)  # the long side caps it
     assert rescale_size(512, 512, 512, 2048) == (512, 512)
     torch.manual_seed(0)
-    model = build_segmenter(build_backbone("resnet18"), num_classes=3, aspp_channels=8, test_min_size=48, max_size=64)
+    model = build_segmenter(build_backbone("resnet18"), num_classes=3, neck_channels=8, test_min_size=48, max_size=64)
     seen = []
     model.backbone.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
     model.eval()

@@ -14,6 +14,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from harness.datasets import synthetic as syn
+from harness.datasets.voc import VOC_CLASSES, voc_colormap
 from harness.errors import HarnessError
 
 SMALL = dict(coco_train=24, coco_val=12, voc07_trainval=16, voc07_test=8, voc12_train=12, voc12_val=6,
@@ -202,7 +203,7 @@ def test_voc_segmentation(root):
     assert not set(seg["val"]) & set(seg["train_aug"])
     assert set(seg["train"]) < set(seg["train_aug"]) and sorted(seg["train"] + seg["val"]) == seg["trainval"]
     assert set(seg["trainval"]) | set(seg["train_aug"]) <= set(_ids(y12 / "ImageSets" / "Main" / "trainval.txt"))
-    palette = syn.voc_palette().ravel().tolist()
+    palette = voc_colormap().ravel().tolist()
     for i in seg["trainval"]:
         with Image.open(y12 / "SegmentationClass" / f"{i}.png") as im:
             assert im.mode == "P" and im.getpalette()[:60] == palette[:60]
@@ -289,6 +290,15 @@ def test_pretrain_labels_name_objects_at_least_40_percent_visible(tmp_path):
         recognisable = {a.cls for a in syn.annotate(scene) if not a.difficult}
         assert set(row["labels"]) == recognisable, row
     assert sum(bool(r["labels"]) for r in rows) >= 25
+
+
+def test_the_vocabulary_is_the_devkit_classes_and_colours():
+    """The synthetic VOC sets draw the devkit's 20 classes in its order, painted in its colour map
+    (devkit labelcolormap.m: aeroplane (128, 0, 0), person (192, 128, 128), 255 (224, 224, 192))."""
+    assert tuple(c.name for c in syn.VOCAB) == VOC_CLASSES and syn.VOC_CLASSES is VOC_CLASSES
+    cmap = voc_colormap()
+    assert cmap.shape == (256, 3) and tuple(cmap[0]) == (0, 0, 0)
+    assert tuple(cmap[1]) == (128, 0, 0) and tuple(cmap[15]) == (192, 128, 128) and tuple(cmap[255]) == (224, 224, 192)
 
 
 def test_default_synthetic_root_is_written_once_and_checked(tmp_path):

@@ -162,8 +162,7 @@ def convert_train_aug(root: Path, log=print) -> None:
     """
     from PIL import Image
 
-    from harness.datasets.images import read_label_png
-    from harness.datasets.voc import read_sbd_mask, sbd_train_aug_ids
+    from harness.datasets.voc import read_label_png, read_sbd_mask, sbd_train_aug_ids
 
     voc12 = root / "VOCdevkit" / "VOC2012"
     sbd = root / "SBD" / "dataset"  # where the registry unpacks benchmark.tgz

@@ -1,4 +1,4 @@
-"""Reading images and label PNGs, with missing or unreadable files reported by name."""
+"""Reading images, with missing or unreadable files reported by name (label PNGs: datasets/voc.py)."""
 
 from __future__ import annotations
 
@@ -51,61 +51,3 @@ def read_image(path: str | Path) -> torch.Tensor:
     except OSError as exc:
         raise HarnessError(f"{path}: not a readable image ({exc})") from None
     return image.float().div_(255.0)
-
-
-def voc_colormap(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map (the devkit's labelcolormap.m): row i is the RGB of class i."""
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
-
-
-def read_label_png(path: str | Path) -> np.ndarray:
-    """A label map as uint8 class indices [H, W].
-
-    Palette ('P') and grayscale PNGs hold the indices themselves (VOC SegmentationClass,
-    SegmentationClassAug); an RGB PNG is decoded through the VOC colour map, and a colour
-    outside it is an error.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise HarnessError(f"label PNG not found: {path}")
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            array = np.asarray(im)
-    except OSError as exc:
-        raise HarnessError(f"{path}: not a readable PNG ({exc})") from None
-    if mode in ("P", "L"):
-        return array.astype(np.uint8, copy=False)
-    if mode in ("I", "I;16"):
-        if array.max(initial=0) > 255:
-            raise HarnessError(f"{path}: label values above 255")
-        return array.astype(np.uint8)
-    if mode in ("RGB", "RGBA"):
-        return _decode_colors(array[..., :3], path)
-    raise HarnessError(f"{path}: unsupported PNG mode {mode!r} for a label map")
-
-
-def _decode_colors(rgb: np.ndarray, path: Path) -> np.ndarray:
-    cmap = voc_colormap().astype(np.int64)
-    code_of_index = (cmap[:, 0] << 16) | (cmap[:, 1] << 8) | cmap[:, 2]
-    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
-    unique, inverse = np.unique(codes, return_inverse=True)
-    lookup = {int(code): idx for idx, code in enumerate(code_of_index)}  # first index wins
-    out = np.empty(len(unique), dtype=np.uint8)
-    for k, code in enumerate(unique):
-        if int(code) not in lookup:
-            code = int(code)
-            color = ((code >> 16) & 255, (code >> 8) & 255, code & 255)
-            raise HarnessError(f"{path}: colour {color} is not in the VOC colour map")
-        out[k] = lookup[int(code)]
-    return out[inverse].reshape(codes.shape)

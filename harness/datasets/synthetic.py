@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from harness.datasets.voc import VOC_CLASSES, voc_colormap
 from harness.errors import HarnessError
 
 MARKER = "SYNTHETIC.json"
@@ -74,7 +75,6 @@ VOCAB = (
     Category("train", 7, "train", "vehicle", True),
     Category("tvmonitor", 72, "tv", "electronic"),
 )
-VOC_CLASSES = tuple(c.name for c in VOCAB)  # alphabetical, as the devkit orders them
 CATEGORY = {c.name: c for c in VOCAB}
 # ten COCO categories with COCO's real, non-contiguous ids (1..72)
 COCO_CLASSES = ("person", "bicycle", "car", "aeroplane", "boat", "bird", "dog", "bottle", "chair",
@@ -97,19 +97,6 @@ DEFAULT_SIZES = {
     "voc12_train": 150, "voc12_val": 50, "voc12_aug_extra": 100,
     "min_side": 128, "max_side": 192,
 }
-
-
-def voc_palette() -> np.ndarray:
-    """The VOC devkit colour map (256 x 3 uint8)."""
-    pal = np.zeros((256, 3), np.uint8)
-    for i in range(256):
-        c, rgb = i, [0, 0, 0]
-        for j in range(8):
-            for k in range(3):
-                rgb[k] |= ((c >> k) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = rgb
-    return pal
 
 
 def _rng(seed: int, *keys: object) -> np.random.Generator:
@@ -857,7 +844,7 @@ def _write_list(path: Path, ids: list[str]) -> None:
 def _write_voc(root: Path, year: str, seed: int, splits: dict[str, list[str]], seg: set[str],
                aug: set[str], sizes: dict) -> dict:
     """One VOCdevkit/VOC<year> folder; splits maps Main split name -> ids (all images written)."""
-    palette = voc_palette().ravel().tolist()
+    palette = voc_colormap().ravel().tolist()
     dirs = {k: root / k for k in ("Annotations", "JPEGImages", "ImageSets/Main")}
     if seg:
         dirs.update({k: root / k for k in ("ImageSets/Segmentation", "SegmentationClass",

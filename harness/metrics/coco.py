@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, HarnessWarning
 from harness.gcpause import gc_paused
 
 BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -130,7 +130,7 @@ def _evaluate(gt: dict, preds: list[dict], iou_type: str, names: Sequence[str], 
     from faster_coco_eval import COCO, COCOeval_faster
 
     if not preds:
-        warnings.warn("empty prediction list: every metric is 0", stacklevel=3)
+        warnings.warn("empty prediction list: every metric is 0", HarnessWarning, stacklevel=3)
     with gc_paused():
         coco_gt = COCO(gt)
         # loadRes annotates entries (id, area, segmentation) in place: hand it copies unless they are ours.

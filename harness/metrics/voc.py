@@ -20,7 +20,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, HarnessWarning
 
 IOU_THRESHOLDS = tuple(t / 100 for t in range(50, 100, 5))
 
@@ -124,7 +124,7 @@ def voc_detection_metrics(
             (p["image_id"], float(p["score"]), np.array([x + 1.0, y + 1.0, x + w, y + h]))
         )
     if not preds:
-        warnings.warn("empty prediction list: every AP is 0", stacklevel=2)
+        warnings.warn("empty prediction list: every AP is 0", HarnessWarning, stacklevel=2)
     per_class_aps: dict[str, list[float] | None] = {}
     for name in class_names:
         if npos[name] == 0:
@@ -133,7 +133,8 @@ def voc_detection_metrics(
         per_class_aps[name] = _class_ap(dets[name], gts[name], npos[name], use_07_metric)
     missing = [n for n, v in per_class_aps.items() if v is None]
     if missing:
-        warnings.warn(f"no non-difficult ground truth for {', '.join(missing)}: left out of the mean", stacklevel=2)
+        warnings.warn(f"no non-difficult ground truth for {', '.join(missing)}: left out of the mean", HarnessWarning,
+                      stacklevel=2)
     defined = np.array([v for v in per_class_aps.values() if v is not None])
     if not len(defined):
         raise HarnessError(f"{source}: the ground truth has no non-difficult object: nothing to score")

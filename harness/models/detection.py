@@ -28,7 +28,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
-from harness.cards import GN_GROUPS
+from harness.models import GN_GROUPS
 from harness.errors import HarnessError
 
 FPN_LEVELS = ("c2", "c3", "c4", "c5")
@@ -345,11 +345,11 @@ def build_detector(
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
     test_min_size: int | None = None,
-    fpn_channels: int | None = None,
+    neck_channels: int | None = None,
     representation_size: int = 1024,
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
     box_detections_per_img: int = 100,
-    box_batch_size_per_image: int = 512,
+    roi_batch_per_image: int = 512,
     rpn_batch_size_per_image: int = 256,
     box_score_thresh: float = 0.05,
     proposals_test: int = 1000,
@@ -366,7 +366,7 @@ def build_detector(
 ) -> FasterRCNN:
     """Faster R-CNN for ``num_classes`` object classes (plus background).
 
-    head="fpn": torchvision FPN (``fpn_channels``, default 256) on c2..c5 + max-pooled p6, RPN over
+    head="fpn": torchvision FPN (``neck_channels``, default 256) on c2..c5 + max-pooled p6, RPN over
     five levels (one anchor size per level), 7x7 RoIAlign, two FC layers of ``representation_size``.
     head="c4": detectron2's R50-C4 (MoCo's VOC model): RPN on c4 with all anchor sizes, 14x14 RoIAlign
     on c4, the backbone's own ``layer4`` (res5, shared, pretrained) as box head, mean pool, predictor.
@@ -391,13 +391,13 @@ def build_detector(
                                pad_value=pad_colour(backbone))
     common = dict(
         box_detections_per_img=box_detections_per_img,
-        box_batch_size_per_image=box_batch_size_per_image,
+        box_batch_size_per_image=roi_batch_per_image,
         rpn_batch_size_per_image=rpn_batch_size_per_image,
         box_score_thresh=box_score_thresh,
     )
     pool = lambda names, size: RoIAlignV2(names, size, roi_align_sampling_ratio, roi_align_aligned)  # noqa: E731
     if head == "fpn":
-        neck = FPNNeck(backbone, fpn_channels or 256, norm=head_norm)
+        neck = FPNNeck(backbone, neck_channels or 256, norm=head_norm)
         anchors, rpn_head = fpn_rpn(anchor_sizes, neck.out_channels)
         model = FasterRCNN(
             neck,

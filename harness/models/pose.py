@@ -54,14 +54,14 @@ def build_keypoint_model(
     min_size: int | Sequence[int] = (640, 672, 704, 736, 768, 800),
     max_size: int = 1333,
     test_min_size: int | None = 800,
-    fpn_channels: int | None = None,
+    neck_channels: int | None = None,
     representation_size: int = 1024,
     keypoint_head_channels: int = 512,
     keypoint_head_layers: int = 8,
     keypoint_pool_size: int = 14,
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
     box_detections_per_img: int = 100,
-    box_batch_size_per_image: int = 512,
+    roi_batch_per_image: int = 512,
     head_norm: str = "none",
     proposals_test: int = 1000,
     rpn_pre_nms_topk_train: int = 2000,
@@ -87,7 +87,7 @@ def build_keypoint_model(
     if keypoint_pool_size < 2:
         raise HarnessError(f"keypoint_pool_size must be >= 2, got {keypoint_pool_size}")
     norm_layer = head_norm_layer(head_norm)
-    neck = FPNNeck(backbone, fpn_channels or 256, norm=head_norm)
+    neck = FPNNeck(backbone, neck_channels or 256, norm=head_norm)
     if norm_layer is None:
         keypoint_head = KeypointRCNNHeads(neck.out_channels, (keypoint_head_channels,) * keypoint_head_layers)
     else:
@@ -103,7 +103,7 @@ def build_keypoint_model(
         box_head=TwoMLPHead(neck.out_channels * 7 * 7, representation_size),
         box_predictor=_init_predictor(FastRCNNPredictor(representation_size, 2)),
         box_detections_per_img=box_detections_per_img,
-        box_batch_size_per_image=box_batch_size_per_image,
+        box_batch_size_per_image=roi_batch_per_image,
         keypoint_roi_pool=RoIAlignV2(names, keypoint_pool_size, roi_align_sampling_ratio, roi_align_aligned),
         keypoint_head=keypoint_head,
         keypoint_predictor=ContiguousKeypointPredictor(keypoint_head_channels, num_keypoints),

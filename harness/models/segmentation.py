@@ -131,7 +131,7 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 class Segmenter(nn.Module):
     """Backbone → ASPP head on ``feature`` (+ FCN auxiliary head on ``aux_feature`` in training) →
     bilinear upsampling. Fidelity attributes: ``output_stride``, ``aspp_dilations``,
-    ``aspp_channels``, ``aux_head``, ``aux_loss_weight``, ``dropout``, ``test_min_size``, ``max_size``."""
+    ``neck_channels``, ``aux_head``, ``aux_loss_weight``, ``dropout``, ``test_min_size``, ``max_size``."""
 
     def __init__(self, backbone: nn.Module, head: ASPPHead, feature: str, num_classes: int, output_stride: int,
                  aux_head: FCNHead | None = None, aux_feature: str = "c4", aux_loss_weight: float = 0.0,
@@ -152,7 +152,7 @@ class Segmenter(nn.Module):
         return self.classifier.dilations
 
     @property
-    def aspp_channels(self) -> int:
+    def neck_channels(self) -> int:
         return self.classifier.channels
 
     @property
@@ -218,7 +218,7 @@ def _measure_stride(backbone: nn.Module, feature: str, size: int = 64) -> int:
 def build_segmenter(
     backbone: nn.Module,
     num_classes: int,
-    aspp_channels: int = 256,
+    neck_channels: int = 256,
     output_stride: int = 16,
     aspp_dilations: Sequence[int] | None = None,
     aux_channels: int = 256,
@@ -260,7 +260,7 @@ def build_segmenter(
     if stride != output_stride:
         raise HarnessError(f"could not reach output stride {output_stride} on this backbone ({feature} has stride {stride})")
     dilations = tuple(aspp_dilations) if aspp_dilations else ASPP_DILATIONS[output_stride]
-    head = ASPPHead(info[feature][0], aspp_channels, dilations, num_classes, dropout)
+    head = ASPPHead(info[feature][0], neck_channels, dilations, num_classes, dropout)
     aux = None
     if aux_loss_weight > 0:
         if "c4" not in info:
