@@ -14,8 +14,8 @@ import torchvision
 from safetensors.torch import save_file
 
 from harness.backbones import (CAFFE, IMAGENET, Backbone, FeatureInfo, Normalization, ViTBackbone,
-                               backbone_parameter_names, build_backbone, load_backbone, resolve_normalization,
-                               save_backbone)
+                               backbone_parameter_names, build_backbone, resolve_normalization)
+from harness.checkpoints import load_backbone, save_backbone
 from harness.errors import HarnessError
 
 VIT = "vit_tiny_patch16_224"  # ViT-Ti/16: the ViT-S/B/L code path at a test-friendly size

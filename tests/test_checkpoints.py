@@ -18,9 +18,9 @@ import pytest
 import torch
 import torchvision
 
-from harness.backbones import CAFFE, IMAGENET, load_backbone, save_backbone
-from harness.checkpoints import (d2_to_tv, export_backbone, format_inspection, inspect_checkpoint, read_checkpoint,
-                                 tv_to_d2)
+from harness.backbones import CAFFE, IMAGENET
+from harness.checkpoints import (d2_to_tv, export_backbone, format_inspection, inspect_checkpoint, load_backbone,
+                                 read_checkpoint, save_backbone, tv_to_d2)
 from harness.errors import HarnessError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.backbones import build_backbone, load_backbone
+from harness.backbones import build_backbone
+from harness.checkpoints import load_backbone
 from harness.errors import HarnessError
 from harness.pretrain import (
     LabelHierarchy,
