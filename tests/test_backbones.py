@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 from collections import OrderedDict
+from graphlib import TopologicalSorter
+from pathlib import Path
 
 import pytest
 import timm
@@ -357,3 +360,29 @@ def test_random_init_is_the_same_every_time_and_leaves_the_global_rng_alone():
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     torch.manual_seed(1)
     assert not torch.equal(a.state_dict()["conv1.weight"], build_backbone("resnet18").state_dict()["conv1.weight"])
+
+
+def _harness_imports() -> dict[str, set[str]]:
+    """Module -> the harness modules it imports anywhere in its code (lazy imports inside functions too)."""
+    root = Path(__file__).resolve().parents[1] / "harness"
+    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in root.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("harness"):
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                         for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("harness")}
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def test_imports_flow_one_way():
+    """backbones builds architectures and knows no checkpoint file; no harness module imports back up."""
+    graph = _harness_imports()
+    assert graph["harness.backbones"] <= {"harness.errors"}
+    assert "harness.backbones" in graph["harness.checkpoints.load"]
+    TopologicalSorter(graph).prepare()  # raises CycleError naming the modules of any import cycle

@@ -208,8 +208,8 @@ LAYOUTS: tuple[Layout, ...] = (
     # generic descriptions of the structure
     Layout("{entry}-wrapper", lambda p: bool(p.entry), tags_wrappers=True),
     Layout("safetensors", lambda p: p.container == "safetensors", tags_wrappers=True),
-    Layout("torchvision", lambda p: p.family == "resnet" and not p.prefix, tags_wrappers=True),
-    Layout("timm", lambda p: not p.prefix, tags_wrappers=True),
+    Layout("torchvision", lambda p: p.family == "resnet" and p.prefix == "", tags_wrappers=True),
+    Layout("timm", lambda p: p.prefix == "", tags_wrappers=True),
     Layout("prefixed", lambda p: True, tags_wrappers=True),
 )
 

@@ -7,17 +7,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from harness.backbones import IMAGENET, Backbone, Normalization, arch_family, build_backbone, canonical_arch, \
     resolve_normalization
-from harness.checkpoints import report as _report
 from harness.checkpoints.formats import HARNESS_FORMAT, Layout, Probe, arch_named_by, detect, harness_metadata, \
     tensor_options
-from harness.checkpoints.match import Accounting, Target, account, choose_prefix, reason
+from harness.checkpoints.match import Target, account, choose_prefix, reason
+from harness.checkpoints.report import Match, Reading, Source, random_report
 from harness.checkpoints.read import StateDict, count_tensors, read_checkpoint, select_state_dict, sha256_file, \
     strip_wrappers, unwrap
 from harness.errors import HarnessError
@@ -40,60 +40,6 @@ class LoadOptions:
     img_size: int | None = None  # ViTs: the grid position embeddings are resampled to
     num_heads: int | None = None  # ViTs
     stride_in_1x1: bool | None = None  # ResNets
-
-
-@dataclass
-class Source:
-    """The file: what it is and what in it is not the weights."""
-
-    path: str
-    sha256: str
-    size_bytes: int
-    container: str
-    entry: str = ""  # the entry holding the weights
-    tensors_in_file: int = 0
-    metadata_keys: list = field(default_factory=list)  # top-level entries without tensors
-    other_entries: list = field(default_factory=list)  # ignored entries holding tensors (student, optimizer, ...)
-
-
-@dataclass
-class Reading:
-    """How the harness reads the file: layout, architecture and options, prefix, normalization."""
-
-    layout: str
-    detail: str
-    naming: str
-    prefix: str
-    stripped: list
-    arch: str
-    arch_source: str
-    arch_named: str | None  # the architecture the file names (when it names one)
-    options: dict
-    normalization: Normalization
-    normalization_source: str
-    notes: list
-    folded_bn: bool = False
-
-
-@dataclass
-class Match:
-    """One checkpoint against one architecture: the file, how it is read, the accounting."""
-
-    source: Source
-    reading: Reading
-    accounting: Accounting
-    backbone: Backbone  # built on the meta device
-    opts: LoadOptions
-
-    @property
-    def ok(self) -> bool:
-        return self.accounting.ok(self.opts.allow_missing, self.opts.allow_unexpected)
-
-    def summary(self) -> str:
-        return _report.summary(self)
-
-    def report(self) -> dict:
-        return _report.report(self)
 
 
 # ----------------------------------------------------------------------------- the match
@@ -132,7 +78,7 @@ def match_checkpoint(path, arch: str | None = None, **opts) -> Match:
     naming = _naming(layout, sd, prefix, probe.family)
     reading = Reading(layout.label(probe), _detail(source, sd, prefix, naming, probe.author), naming, prefix,
                       list(sd.stripped), arch, arch_source, named, options, norm, norm_source, notes, layout.folded_bn)
-    return Match(source, reading, acc, bb, o)
+    return Match(source, reading, acc, bb, o.allow_missing, o.allow_unexpected)
 
 
 def _open(path: Path, obj, container: str, st_meta: dict, key: str | None) -> tuple[Source, dict]:
@@ -320,6 +266,6 @@ def inspect_checkpoint(path, arch: str | None = None, **opts) -> dict:
     if spec.startswith("random:"):
         with torch.device("meta"):
             bb = _random(spec, arch, {"normalization": opts.get("normalization")})
-        return _report.random_report(spec, bb, user_norm=bool(opts.get("normalization")))
+        return random_report(spec, bb, user_norm=bool(opts.get("normalization")))
     return match_checkpoint(path, arch, **opts).report()
 

@@ -1,15 +1,70 @@
-"""The account of a match as `harness inspect` shows it: a JSON-able report, one summary line, text."""
+"""What is known of a checkpoint (the file, how it is read, the accounting) and how `harness inspect` shows it."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
-if TYPE_CHECKING:  # pragma: no cover
-    from harness.backbones import Backbone
-    from harness.checkpoints.load import Match
+from harness.backbones import Backbone, Normalization
+from harness.checkpoints.match import Accounting
 
 
-def summary(m: "Match") -> str:
+@dataclass
+class Source:
+    """The file: what it is and what in it is not the weights."""
+
+    path: str
+    sha256: str
+    size_bytes: int
+    container: str
+    entry: str = ""  # the entry holding the weights
+    tensors_in_file: int = 0
+    metadata_keys: list = field(default_factory=list)  # top-level entries without tensors
+    other_entries: list = field(default_factory=list)  # ignored entries holding tensors (student, optimizer, ...)
+
+
+@dataclass
+class Reading:
+    """How the harness reads the file: layout, architecture and options, prefix, normalization."""
+
+    layout: str
+    detail: str
+    naming: str
+    prefix: str
+    stripped: list
+    arch: str
+    arch_source: str
+    arch_named: str | None  # the architecture the file names (when it names one)
+    options: dict
+    normalization: Normalization
+    normalization_source: str
+    notes: list
+    folded_bn: bool = False
+
+
+@dataclass
+class Match:
+    """One checkpoint against one architecture: the file, how it is read, the accounting."""
+
+    source: Source
+    reading: Reading
+    accounting: Accounting
+    backbone: Backbone  # built on the meta device
+    allow_missing: bool = False  # deliberate partial loads (the user's)
+    allow_unexpected: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.accounting.ok(self.allow_missing, self.allow_unexpected)
+
+    def summary(self) -> str:
+        return summary(self)
+
+    def report(self) -> dict:
+        return report(self)
+
+
+
+def summary(m: Match) -> str:
     """One line: what matched, or why the load fails."""
     acc, r = m.accounting, m.reading
     where = f"{m.source.path}: {r.layout or 'checkpoint'}"
@@ -37,7 +92,7 @@ def summary(m: "Match") -> str:
             + " - see `harness inspect --json` for the full lists")
 
 
-def report(m: "Match") -> dict:
+def report(m: Match) -> dict:
     """The JSON-able report of a match (what `harness inspect --json` prints and results keep)."""
     s, r, acc, bb = m.source, m.reading, m.accounting, m.backbone
     return {
@@ -55,7 +110,7 @@ def report(m: "Match") -> dict:
     }
 
 
-def _architecture(bb: "Backbone") -> dict:
+def _architecture(bb: Backbone) -> dict:
     return {
         "new_layers": {"prefixes": list(bb.new_prefixes),
                        "parameters": sum(p.numel() for n, p in bb.named_parameters() if bb.is_new(n))},
@@ -64,7 +119,7 @@ def _architecture(bb: "Backbone") -> dict:
     }
 
 
-def random_report(spec: str, bb: "Backbone", user_norm: bool) -> dict:
+def random_report(spec: str, bb: Backbone, user_norm: bool) -> dict:
     """The report of ``random:<arch>``: no file, nothing to account for."""
     d = bb.describe()
     n = len(bb.checkpoint_shapes())
