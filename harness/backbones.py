@@ -13,6 +13,9 @@ Families:
     initialised) turns the last block's stride-16 map into the four maps.
   * any other timm model with ``forward_intermediates`` (ConvNeXt, Swin, RegNet, EfficientNet,
     ...): the trunk is ``model.*``; ``c2..c5`` are its last features at strides 4, 8, 16, 32.
+
+This module knows no checkpoint file: :mod:`harness.checkpoints` reads files into these
+architectures (``load_backbone``, ``random:<arch>``) and writes them (``save_backbone``).
 """
 
 from __future__ import annotations

@@ -288,8 +288,6 @@ def strip_wrappers(key: str) -> str:
     return ".".join(parts)
 
 
-
-
 @dataclass
 class StateDict:
     """The tensors of a state dict under wrapper-free names (what layouts and accounting see)."""
