@@ -1,20 +1,22 @@
 """Pretraining overhead: `harness.pretrain.pretrain` against a bare torchvision classification loop, same batches.
 
-    python bench/bench_pretrain.py [--rounds 3] [--steps 20] [--batch 32] [--image-size 64] [--shard-images 512] [--threads N]
+    python bench/bench_pretrain.py [--rounds 3] [--steps 20] [--batch 32] [--image-size 64] [--shard-images 512] [--threads N] [--workers 0]
 
 Data: `write_pretrain_synthetic` images (multi-label manifest, 20 classes) written at
 `--image-size` px. The harness side is the whole `harness pretrain` run for `--steps` iterations
 (opening the manifest, model build, the engine's data order, per-sample decode + random resized
 crop + flip, the sigmoid loss, metrics.jsonl, progress bar, checkpoint, the exported backbone, its
-sha256 and the JSON record) with `--workers 0`, i.e. decoding in the training process. The bare side
+sha256 and the JSON record) with `--workers 0` (the default), i.e. decoding in the training process, or
+with `--workers N` loader processes. The bare side
 is torchvision's resnet18 with a 20-way linear layer and the same loss, optimizer and learning rate
 on the same batches: the engine's shuffle and augmentation for the round's seed, decoded, cropped and
 normalized before its clock starts. After an untimed warm-up of each, `--rounds` rounds in
 alternating order in one process. Prints images/s of both and harness / bare.
 
 Then it writes the same images as WebDataset tar shards and prints images/s read from the local
-shards by one reader (`ShardStream` with one reader thread: tar read, shuffle buffer, JPEG decode,
-labels), with and without the pretraining augmentation, one torch thread (a loader process).
+shards by one loader process (`ShardStream` iterated in this process with one torch thread: tar read
+through webdataset, subset filter, shuffle buffer, JPEG decode, labels), with and without the
+pretraining augmentation.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from torch.utils.data import DistributedSampler
 
 from harness.datasets.synthetic import write_pretrain_synthetic
 from harness.engine import sample_seed, seed_everything
-from harness.pretrain import PretrainAugment, PretrainConfig, open_pretrain_data, pretrain, write_shards
+from harness.datasets.pretraining import open_pretrain_data
+from harness.datasets.shards import write_shards
+from harness.pretrain import PretrainAugment, PretrainConfig, pretrain
 
 
 def bare_batches(dataset, steps: int, batch: int, seed: int, augment) -> list:
@@ -64,35 +68,32 @@ def bare_steps(batches: list, classes: int, lr: float, seed: int) -> float:
 
 
 def harness_run(manifest: Path, out: Path, steps: int, batch: int, lr: float, image_size: int,
-                seed: int) -> tuple[float, float]:
+                seed: int, workers: int = 0) -> tuple[float, float]:
     """Seconds of the whole `pretrain` call, and of its training loop alone (the per-iteration times in
     metrics.jsonl: data, step, logging; without setup, the final checkpoint and the export)."""
     cfg = PretrainConfig(data=str(manifest), arch="resnet18", out=str(out / f"r{seed}.safetensors"), iterations=steps,
-                         batch_size=batch, lr=lr, image_size=image_size, min_scale=0.35, seed=seed, workers=0,
+                         batch_size=batch, lr=lr, image_size=image_size, min_scale=0.35, seed=seed, workers=workers,
                          checkpoint_period=10**9, device="cpu", progress=True)
     began = time.perf_counter()
     record = pretrain(cfg)
     total = time.perf_counter() - began
     metrics = Path(record["training"]["work_dir"]) / "metrics.jsonl"
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert len(lines) == steps, "one metrics line per iteration expected"
-    return total, sum(line["time"] for line in lines)
+    assert lines[-1]["iter"] == steps, "metrics.jsonl should end at the last iteration"
+    # each line holds the mean iteration time of the iterations since the previous line
+    return total, sum(line["time"] * (line["iter"] - prev) for line, prev in zip(lines, [0] + [x["iter"] for x in lines]))
 
 
 def shard_rate(pattern: str, augment: PretrainAugment | None, images: int) -> float:
-    """Images/s of one reader thread over local shards (tar read, shuffle buffer, decode, labels)."""
-    data = open_pretrain_data(pattern, workers=1, shuffle_buffer=100)
-    stream = data.dataset
-    try:
-        stream[0]  # start the reader, untimed
-        began = time.perf_counter()
-        for i in range(1, images + 1):
-            image, target = stream[i]
-            if augment is not None:
-                augment(image, target, torch.Generator().manual_seed(i))
-        return images / (time.perf_counter() - began)
-    finally:
-        stream.close()
+    """Images/s of one loader process over local shards (tar read, subset, shuffle buffer, decode, labels)."""
+    stream = open_pretrain_data(pattern, shuffle_buffer=100).dataset
+    stream.augment = augment
+    samples = iter(stream)
+    next(samples)  # open the first shard and fill the shuffle buffer, untimed
+    began = time.perf_counter()
+    for _ in range(images):
+        next(samples)
+    return images / (time.perf_counter() - began)
 
 
 def main() -> None:
@@ -103,15 +104,17 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64, help="stored and trained image side")
     parser.add_argument("--shard-images", type=int, default=512, help="images read in the shard measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the training comparison")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="the harness's DataLoader workers (0: decode and augment in the training process)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     lr = 0.1 * args.batch / 256
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        manifest = write_pretrain_synthetic(tmp / "data", size=max(args.shard_images, args.steps * args.batch),
+        manifest = write_pretrain_synthetic(tmp / "data", size=max(args.shard_images + 1, args.steps * args.batch),
                                             label_noise=0.0, image_size=args.image_size)
-        data = open_pretrain_data(str(manifest), workers=0)
+        data = open_pretrain_data(str(manifest))
         augment = PretrainAugment(args.image_size, 0.35)
         classes = len(data.classes)
 
@@ -121,7 +124,8 @@ def main() -> None:
             nonlocal loop
             if name == "bare":
                 return bare_steps(bare_batches(data.dataset, args.steps, args.batch, r, augment), classes, lr, r)
-            total, in_loop = harness_run(manifest, tmp / "runs", args.steps, args.batch, lr, args.image_size, r)
+            total, in_loop = harness_run(manifest, tmp / "runs", args.steps, args.batch, lr, args.image_size, r,
+                                         args.workers)
             loop += in_loop
             return total
 
@@ -135,7 +139,7 @@ def main() -> None:
                 totals[name] += timed(name, r)
         images = args.rounds * args.steps * args.batch
         print(f"CPU ({torch.get_num_threads()} threads), resnet18, {args.image_size} px, batch {args.batch}, "
-              f"{args.rounds} rounds x {args.steps} steps")
+              f"{args.rounds} rounds x {args.steps} steps, harness with {args.workers} loader workers")
         for name, seconds in totals.items():
             print(f"{name:<8} {images / seconds:7.2f} images/s")
         print(f"harness / bare throughput: {totals['bare'] / totals['harness']:.3f}   "
@@ -148,7 +152,7 @@ def main() -> None:
         pattern = str(tmp / "shards")  # the folder's *.tar
         torch.set_num_threads(1)  # a loader process
         n = args.shard_images
-        print(f"WebDataset shards ({len(records)} images, 128 per shard), one reader thread, 1 torch thread: "
+        print(f"WebDataset shards ({len(records)} images, 128 per shard), one loader process, 1 torch thread: "
               f"{shard_rate(pattern, None, n):.0f} images/s read + decoded, "
               f"{shard_rate(pattern, augment, n):.0f} images/s with the crop/flip")
 

@@ -290,7 +290,7 @@ def _add_pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument("--min-scale", type=float, default=0.35, help="smallest crop area of the random resized crop")
     g.add_argument("--normalization", default=None, help="input normalization recorded in the checkpoint (default imagenet)")
     g.add_argument(f"--{prefix}seed", dest="pretrain_seed", type=int, default=0, help="initialisation and data-order seed")
-    g.add_argument("--workers", type=int, default=4, help="data loading workers (reader threads for shards)")
+    g.add_argument("--workers", type=int, default=4, help="DataLoader workers that decode and augment (with shards, each streams its own shards)")
     g.add_argument("--checkpoint-period", type=int, default=1000, help="iterations between resumable checkpoints")
 
 

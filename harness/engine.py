@@ -4,7 +4,9 @@
 iteration (detectron2's WarmupMultiStepLR), AMP on CUDA (bf16 where supported, else fp16 with a GradScaler; fp32 on the
 CPU), optional gradient clipping, a stop with ``HarnessError`` on a non-finite loss, periodic
 atomic checkpoints that a rerun resumes from (bit-identical to an uninterrupted run on the CPU),
-``metrics.jsonl`` and a tqdm bar on rank 0. DDP when the world size is above 1.
+``metrics.jsonl`` and a tqdm bar on rank 0. DDP when the world size is above 1. It is a loop
+over a ``TrainStep`` with a ``Checkpointer`` (``harness.checkpointer``: fingerprint, RNG states,
+atomic save, resume) and a ``MetricsLog`` (the logging window, ``metrics.jsonl``).
 
 Reproducibility: the data order of epoch ``e`` is a DistributedSampler permutation seeded by
 ``(seed, e)``; each sample's augmentation draws from a generator seeded by ``(seed, e, index)``;
@@ -27,7 +29,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from harness.distributed import DistEnv, all_gather_object, all_reduce_mean, current_env, gather_predictions, shard_indices
+from harness.checkpointer import Checkpointer
+from harness.distributed import DistEnv, all_reduce_mean, current_env, gather_predictions, shard_indices
 from harness.errors import HarnessError
 from harness.protocols import is_norm
 
@@ -296,37 +299,6 @@ class _Indexed(Dataset):
         return self.indices[i], image, target
 
 
-def _rng_state(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": np_state[1].tolist(), "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                  "gauss": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def native_bf16() -> bool:
     """True when the CUDA device computes in bf16 natively (Ampere and later); older GPUs only
     emulate it, slowly, so they get fp16 with a gradient scaler instead."""
@@ -381,26 +353,6 @@ def _fingerprint(cfg: TrainConfig, world_size: int, num_images: int) -> dict:
     return fp
 
 
-def _load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
-        raise HarnessError(f"cannot read the training checkpoint {path} ({type(err).__name__}); delete it to start over") from None
-
-
-def _rewrite_metrics(path: Path, upto: int) -> None:
-    """Keep only the lines of iterations <= ``upto`` (a killed run may have logged past its checkpoint)."""
-    keep = []
-    if upto > 0 and path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["iter"] <= upto:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-    path.write_text("".join(line + "\n" for line in keep))
-
-
 class TrainingStopped(Exception):
     """``train`` stopped early on request at ``iteration``, its checkpoint written (a rerun resumes)."""
 
@@ -412,6 +364,124 @@ class TrainingStopped(Exception):
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any (ranks must stop at the same step)."""
     return all_reduce_mean(torch.tensor([float(flag)], device=device)).item() > 0
+
+
+class MetricsLog:
+    """``metrics.jsonl``: every ``period`` iterations and at the ``last``, one line with the mean of each
+    loss over the window since the previous line, the learning rate and the seconds per iteration.
+    The open ``window`` goes into the checkpoint, so a resumed run writes the lines an uninterrupted
+    one does. Only ``write=True`` (rank 0) touches the file."""
+
+    def __init__(self, path: Path, period: int, last: int, window: dict | None = None, write: bool = True):
+        self.path, self.period, self.last, self.write = path, period, last, write
+        self.window = window or {"sums": {}, "count": 0, "time": 0.0}
+        self._file, self._tick = None, 0.0
+
+    def truncate(self, upto: int) -> None:
+        """Keep only the lines of iterations <= ``upto`` (a killed run may have logged past its checkpoint)."""
+        if not self.write:
+            return
+        keep = []
+        if upto > 0 and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["iter"] <= upto:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def open(self) -> None:
+        self._tick = time.perf_counter()
+        if self.write:
+            self._file = open(self.path, "a", buffering=1)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def record(self, iteration: int, losses: dict[str, float], lr: float) -> None:
+        now = time.perf_counter()
+        window = self.window
+        for k, v in losses.items():
+            window["sums"][k] = window["sums"].get(k, 0.0) + v
+        window["count"] += 1
+        window["time"] += now - self._tick
+        self._tick = now
+        if iteration % self.period == 0 or iteration == self.last:
+            n = window["count"]
+            line = {"iter": iteration, **{k: s / n for k, s in window["sums"].items()}, "lr": lr,
+                    "time": window["time"] / n}
+            if self._file is not None:
+                self._file.write(json.dumps(line) + "\n")
+            self.window = {"sums": {}, "count": 0, "time": 0.0}
+
+
+@dataclass
+class TrainStep:
+    """One optimizer step on one per-process batch: forward and backward (``cfg.accumulate`` micro-batches),
+    the losses averaged over ranks (every rank sees the same values, so all stop together on a
+    non-finite one), clipping, then the optimizer, scaler and scheduler steps."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    cfg: TrainConfig
+    device: torch.device
+    dtype: torch.dtype | None
+
+    def __call__(self, images: list, targets: list, iteration: int) -> dict[str, float]:
+        """Returns ``{"loss": total, name: value, ...}``; ``iteration`` (1-based) names a divergence."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = accumulate_gradients(self.net, images, targets, self.cfg.accumulate, self.device, self.dtype,
+                                      self.scaler)
+        loss = sum(losses.values())
+        stats = torch.stack([loss.float()] + [v.float() for v in losses.values()])
+        named = dict(zip(["loss", *losses.keys()], all_reduce_mean(stats).tolist()))
+        bad = {k: v for k, v in named.items() if not math.isfinite(v)}
+        if bad:
+            terms = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise HarnessError(
+                f"training diverged at iteration {iteration}: non-finite loss ({terms}); no result written "
+                "(lower the learning rate, set clip_grad_norm, or check the backbone checkpoint)"
+            )
+        if self.cfg.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return named
+
+
+def _sampler(dataset: Dataset, cfg: TrainConfig, env: DistEnv) -> tuple[DistributedSampler, int, int]:
+    """This rank's sampler, its batch size and the batches per epoch; an impossible split is a user error."""
+    world = env.world_size
+    if cfg.batch_size % (world * cfg.accumulate):
+        raise HarnessError(f"batch size {cfg.batch_size} is not divisible by the world size {world} "
+                           f"x {cfg.accumulate} accumulation step(s)")
+    per_rank = cfg.batch_size // world
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=env.rank, shuffle=True, seed=cfg.seed)
+    batches_per_epoch = len(sampler) // per_rank
+    if batches_per_epoch == 0:
+        raise HarnessError(f"the training set has {len(dataset)} images, fewer than one batch per process ({per_rank})")
+    return sampler, per_rank, batches_per_epoch
+
+
+def _loader(view: _TrainView, batches: _ScheduleBatches, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(view, batch_sampler=batches, collate_fn=collate_pairs, num_workers=num_workers,
+                      pin_memory=pin_memory, generator=torch.Generator())  # keeps the DataLoader off the global RNG
+
+
+def _distributed(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
+    """``model`` in DistributedDataParallel when there is more than one process."""
+    if env.world_size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                   find_unused_parameters=cfg.find_unused_parameters)
 
 
 # ----------------------------------------------------------------------------- train
@@ -428,6 +498,7 @@ def train(
     identity: dict | None = None,
     groups: Sequence[int] | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    batches: Callable[[int], Iterable] | None = None,
 ) -> TrainResult:
     """Train ``model`` (in place; call ``apply_protocol`` first) on ``dataset`` for ``cfg.iterations``.
 
@@ -439,24 +510,14 @@ def train(
     ``groups`` (one id per dataset index) batches images of one group together (aspect ratio).
     ``stop_requested()`` (e.g. set by a preemption signal) is polled after every step; when it is true on
     any rank, every rank stops at that step, the checkpoint is written and ``TrainingStopped`` is raised.
+    ``batches(start)`` (streamed data) gives this rank's ``(images, targets)`` batches of iterations
+    ``start`` .. ``cfg.iterations``, augmented, instead of the schedule's batches of ``dataset``.
     """
     env = env or current_env()
-    device = env.device
-    out = Path(out_dir)
+    device, out = env.device, Path(out_dir)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
-
-    world = env.world_size
-    if cfg.batch_size % (world * cfg.accumulate):
-        raise HarnessError(f"batch size {cfg.batch_size} is not divisible by the world size {world} "
-                           f"x {cfg.accumulate} accumulation step(s)")
-    per_rank = cfg.batch_size // world
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=env.rank, shuffle=True, seed=cfg.seed)
-    batches_per_epoch = len(sampler) // per_rank
-    if batches_per_epoch == 0:
-        raise HarnessError(f"the training set has {len(dataset)} images, fewer than one batch per process ({per_rank})")
-
+    sampler, per_rank, batches_per_epoch = _sampler(dataset, cfg, env)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -466,132 +527,53 @@ def train(
     if device.type == "cuda":
         set_tf32(cfg.tf32)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    fingerprint = {**_fingerprint(cfg, world, len(dataset)), **(identity or {}), "grouped": groups is not None}
+    fingerprint = {**_fingerprint(cfg, env.world_size, len(dataset)), **(identity or {}), "grouped": groups is not None}
+    checkpointer = Checkpointer(out / CHECKPOINT_NAME, fingerprint, env, model=model, optimizer=optimizer,
+                                scheduler=scheduler, scaler=scaler)
 
-    start, window = 0, {"sums": {}, "count": 0, "time": 0.0}
-    seen = all_gather_object(ckpt_path.exists())
-    if len(set(seen)) > 1:
-        raise HarnessError(f"{ckpt_path} is visible on ranks {[r for r, s in enumerate(seen) if s]} only: "
-                           "the output directory must be on a filesystem shared by every node")
-    if seen[0]:
-        state = _load_checkpoint(ckpt_path)
-        diff = sorted(k for k in set(fingerprint) | set(state["config"]) if fingerprint.get(k) != state["config"].get(k))
-        if diff:
-            shown = ", ".join(f"{k}: {state['config'].get(k)} -> {fingerprint.get(k)}" for k in diff)
-            raise HarnessError(f"{ckpt_path} comes from a run with other settings ({shown}); use another output directory or delete it")
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError:
-            raise HarnessError(f"{ckpt_path} holds another model's weights; use another output directory or delete it") from None
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"][env.rank], device)
-        start, window = state["iteration"], state["window"]
-    else:
+    state = checkpointer.resume()
+    if state is None:
         seed_everything(cfg.seed + env.rank)
-    if env.is_main:
-        _rewrite_metrics(metrics_path, start)
-
+    start = state["iteration"] if state else 0
+    metrics = MetricsLog(out / METRICS_NAME, cfg.log_period, cfg.iterations, state and state["window"], env.is_main)
+    metrics.truncate(start)
     result = TrainResult(
         iterations=cfg.iterations, start_iteration=start, batch_size=cfg.batch_size, per_process_batch=per_rank,
-        world_size=world, device=str(device), precision=cfg.precision, wall_time=0.0,
+        world_size=env.world_size, device=str(device), precision=cfg.precision, wall_time=0.0,
         accumulate=cfg.accumulate, precise_bn_iters=cfg.precise_bn_iters,
     )
     if start >= cfg.iterations:
         return result
 
-    net: nn.Module = model
-    if world > 1:
-        net = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.find_unused_parameters,
-        )
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    net = _distributed(model, cfg, env)
+    step = TrainStep(net, optimizer, scheduler, scaler, cfg, device, autocast_dtype)
     model.train()
-    it = start
-    loader = DataLoader(
-        _TrainView(dataset, augment, cfg.seed),
-        batch_sampler=_ScheduleBatches(sampler, per_rank, start, cfg.iterations, groups),
-        collate_fn=collate_pairs,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator(),  # keeps the DataLoader off the global RNG
-    )
-    began = tick = time.perf_counter()
+    view = _TrainView(dataset, augment, cfg.seed)
+    loader = batches(start) if batches is not None else _loader(
+        view, _ScheduleBatches(sampler, per_rank, start, cfg.iterations, groups), cfg.num_workers,
+        pin_memory=device.type == "cuda")
+    began = time.perf_counter()
     bar = tqdm(total=cfg.iterations, initial=start, desc=desc, disable=not (progress and env.is_main),
                dynamic_ncols=True, smoothing=0.05)
-    log = open(metrics_path, "a", buffering=1) if env.is_main else None
+    metrics.open()
     try:
-        for images, targets in loader:
+        for it, (images, targets) in enumerate(loader, start + 1):
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            losses = accumulate_gradients(net, images, targets, cfg.accumulate, device, autocast_dtype, scaler)
-            loss = sum(losses.values())
-            stats = torch.stack([loss.float()] + [v.float() for v in losses.values()])
-            values = all_reduce_mean(stats).tolist()  # every rank sees the same values: stop together
-            named = dict(zip(["loss", *losses.keys()], values))
-            bad = {k: v for k, v in named.items() if not math.isfinite(v)}
-            if bad:
-                terms = ", ".join(f"{k}={v}" for k, v in bad.items())
-                raise HarnessError(
-                    f"training diverged at iteration {it + 1}: non-finite loss ({terms}); no result written "
-                    "(lower the learning rate, set clip_grad_norm, or check the backbone checkpoint)"
-                )
-            if cfg.clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            it += 1
-
-            now = time.perf_counter()
-            for k, v in named.items():
-                window["sums"][k] = window["sums"].get(k, 0.0) + v
-            window["count"] += 1
-            window["time"] += now - tick
-            tick = now
-            result.final_losses = named
-            if it % cfg.log_period == 0 or it == cfg.iterations:
-                n = window["count"]
-                line = {"iter": it, **{k: s / n for k, s in window["sums"].items()}, "lr": lr,
-                        "time": window["time"] / n}
-                if log is not None:
-                    log.write(json.dumps(line) + "\n")
-                window = {"sums": {}, "count": 0, "time": 0.0}
-            bar.set_postfix(loss=f"{named['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+            result.final_losses = losses = step(images, targets, it)
+            metrics.record(it, losses, lr)
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
             if it == cfg.iterations and cfg.precise_bn_iters:
-                batches = _ScheduleBatches(sampler, per_rank, it, it + cfg.precise_bn_iters, groups)
-                precise_bn(net, DataLoader(loader.dataset, batch_sampler=batches, collate_fn=collate_pairs,
-                                           num_workers=cfg.num_workers, generator=torch.Generator()),
-                           device, autocast_dtype)
+                bn_batches = _ScheduleBatches(sampler, per_rank, it, it + cfg.precise_bn_iters, groups)
+                precise_bn(net, _loader(view, bn_batches, cfg.num_workers), device, autocast_dtype)
             stop = stop_requested is not None and _any_rank(stop_requested(), device)
             if it % cfg.checkpoint_period == 0 or it == cfg.iterations or stop:
-                rng = all_gather_object(_rng_state(device))
-                if env.is_main:
-                    _atomic_save(
-                        {
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict(),
-                            "iteration": it,
-                            "epoch": it // batches_per_epoch,
-                            "batch_in_epoch": it % batches_per_epoch,
-                            "rng": rng,
-                            "window": window,
-                            "config": fingerprint,
-                        },
-                        ckpt_path,
-                    )
+                checkpointer.save(it, batches_per_epoch, metrics.window)
             if stop and it < cfg.iterations:
-                raise TrainingStopped(it, ckpt_path)
+                raise TrainingStopped(it, checkpointer.path)
     finally:
         bar.close()
-        if log is not None:
-            log.close()
+        metrics.close()
     result.wall_time = time.perf_counter() - began
     return result
 

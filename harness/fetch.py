@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.files import write_json_atomic
 
 CACHE_ENV = "HARNESS_CACHE"
 DIGEST_LEN = {"md5": 32, "sha1": 40, "sha256": 64}
@@ -85,11 +86,7 @@ def check_pin(key: str, sha256: str) -> bool:
     pinned = pins.get(key)
     if pinned is None:
         pins[key] = sha256
-        path = _pins_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(pins, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(_pins_path(), pins, sort_keys=True)
         return False
     if pinned != sha256:
         raise HarnessError(f"{key}: sha256 {sha256} differs from the one pinned on first download ({pinned}, "

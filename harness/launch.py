@@ -28,6 +28,7 @@ from pathlib import Path
 import submitit
 
 from harness.errors import HarnessError
+from harness.files import write_json_atomic
 from harness.runner import EvalPlan, check_plan, collect, format_table, run_dir, run_eval
 
 LAUNCHERS = ("inprocess", "local", "slurm")
@@ -183,12 +184,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def acquire_lock(cell_dir: Path, me: dict) -> bool:
     """Take ``cell_dir/lock.json`` for job ``me`` (launcher, job_id, host, log). False when another live
     job holds it; a dead job's lock is taken over with one line saying so; our own (a requeued job) is kept."""
@@ -203,7 +198,7 @@ def acquire_lock(cell_dir: Path, me: dict) -> bool:
                 time.sleep(0.2)  # being written
                 held = _read_json(path) or {}
             if held.get("job_id") == me["job_id"] and held.get("launcher") == me["launcher"]:
-                _write_json(path, me)  # our own job, requeued: now in this process
+                write_json_atomic(path, me)  # our own job, requeued: now in this process
                 return True
             if held and job_alive(held.get("launcher", "slurm"), str(held.get("job_id")), held.get("host")):
                 print(f"{cell_dir}: locked by live job {held.get('job_id')}, skipped", flush=True)
@@ -282,7 +277,7 @@ class CellJob(submitit.helpers.Checkpointable):
             return "stopped"  # other ranks: the requeue restarts them
         except Exception as exc:
             if job.global_rank == 0:
-                _write_json(cell_dir / FAILED_FILE, {"job_id": job.job_id, "error": _one_line(exc), "log": me["log"]})
+                write_json_atomic(cell_dir / FAILED_FILE, {"job_id": job.job_id, "error": _one_line(exc), "log": me["log"]})
                 release_lock(cell_dir, job.job_id)
             raise
         if job.global_rank == 0:
@@ -476,7 +471,7 @@ def _to_submit(plan: EvalPlan, record: dict) -> list:
 
 def _save(plan: EvalPlan, record: dict) -> None:
     Path(plan.out).mkdir(parents=True, exist_ok=True)
-    _write_json(Path(plan.out) / LAUNCH_FILE, record)
+    write_json_atomic(Path(plan.out) / LAUNCH_FILE, record)
 
 
 def _launch_slurm(plan: EvalPlan, opts: LaunchOptions, cards) -> list[dict]:

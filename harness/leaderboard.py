@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.cards import TaskCard, all_cards
 from harness.errors import HarnessError, field_path as _field, first_problem
-from harness.results import Result, mean_std, read_result
+from harness.results import MetricStats, Result, mean_std, read_result, read_results
 
 SHA256 = r"^[0-9a-f]{64}$"
 URL = r"^https?://[^\s<>\"']+$"
@@ -49,12 +49,6 @@ class SubmittedBackbone(_Model):
     checkpoint_sha256: str | None = Field(pattern=SHA256, description="sha256 of the checkpoint; null: random init")
     checkpoint_url: str | None = Field(default=None, pattern=URL, description="where the checkpoint can be downloaded")
     layout: str = Field(description="checkpoint layout the harness detected")
-
-
-class MetricStats(_Model):
-    mean: float
-    std: float = Field(ge=0, description="sample standard deviation over seeds (0 for one seed)")
-    values: list[float] = Field(min_length=1, description="one value per seed, in the order of `seeds`")
 
 
 class SubmittedDataset(_Model):
@@ -298,61 +292,53 @@ def build_submission(results_path: str | Path, *, name: str, pretraining_data: s
                      today: dt.date | None = None) -> Submission:
     """A submission from a run folder's results.json and its per-seed result.json files."""
     results_path = Path(results_path)
-    try:
-        data = json.loads(results_path.read_text())
-    except FileNotFoundError:
-        raise HarnessError(f"results not found: {results_path}") from None
-    except json.JSONDecodeError as exc:
-        raise HarnessError(f"{results_path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or "backbone" not in data:
-        raise HarnessError(f"{results_path}: not a harness results.json (needs backbone and runs)")
-    if data.get("synthetic"):
+    data = read_results(results_path)
+    if data.synthetic:
         raise HarnessError(f"{results_path}: made on synthetic data (--synthetic); synthetic results cannot go on the leaderboard")
-    if not data["runs"]:
+    if not data.runs:
         raise HarnessError(f"{results_path}: no runs")
     seeds_found = _seed_results(results_path.parent)
     versions, commits, results = set(), set(), []
-    for row in data["runs"]:
-        where = f"{row.get('task')}/{row.get('protocol')}/{row.get('profile')}"
-        if row.get("profile") == "smoke":
+    for row in data.runs:
+        where = f"{row.task}/{row.protocol}/{row.profile}"
+        if row.profile == "smoke":
             raise HarnessError(f"{results_path}: {where} is a smoke run; smoke results cannot go on the leaderboard")
-        if row.get("dataset", {}).get("synthetic"):
+        if row.dataset.synthetic:
             raise HarnessError(f"{results_path}: {where} was scored on synthetic data")
         per_seed = []
-        for seed in row["seeds"]:
-            r = seeds_found.get((row["task"], row["protocol"], row["profile"], seed))
+        for i, seed in enumerate(row.seeds):
+            r = seeds_found.get((row.task, row.protocol, row.profile, seed))
             if r is None:
                 raise HarnessError(f"{results_path}: no result.json for {where} seed {seed} in {results_path.parent}")
-            if r.card_hash != row["card_hash"]:
+            if r.card_hash != row.card_hash:
                 raise HarnessError(f"{results_path}: {where} seed {seed}: result.json has another card hash")
             if r.training.off_protocol:
                 raise HarnessError(f"{results_path}: {where} seed {seed} is off-protocol "
                                    f"({'; '.join(r.training.off_protocol)}); such results cannot go on the leaderboard")
-            for key, m in row["metrics"].items():
-                if r.metrics.get(key) != m["values"][row["seeds"].index(seed)]:
+            for key, m in row.metrics.items():
+                if r.metrics.get(key) != m.values[i]:
                     raise HarnessError(f"{results_path}: {where} seed {seed}: {key} differs from its result.json")
             per_seed.append(r)
         versions |= {r.harness_version for r in per_seed}
         commits |= {r.git_commit for r in per_seed}
         t = per_seed[0].training
         results.append({
-            "task": row["task"], "protocol": row["protocol"], "profile": row["profile"], "card_hash": row["card_hash"],
-            "seeds": row["seeds"],
-            "dataset": {k: row["dataset"].get(k) for k in ("name", "train_split", "test_split", "images_scored", "synthetic")},
+            "task": row.task, "protocol": row.protocol, "profile": row.profile, "card_hash": row.card_hash,
+            "seeds": row.seeds,
+            "dataset": row.dataset.model_dump(include={"name", "train_split", "test_split", "images_scored", "synthetic"}),
             "training": {"iterations": t.iterations, "batch_size": t.batch_size, "world_size": t.world_size,
                          "device": t.device, "precision": t.precision,
                          "wall_time_s": [r.training.wall_time_s for r in per_seed]},
-            "metrics": row["metrics"],
+            "metrics": row.metrics,
         })
     if len(versions) > 1:
         raise HarnessError(f"{results_path}: runs made with different harness versions ({', '.join(sorted(versions))})")
-    b = data["backbone"]
+    b = data.backbone
     try:
         return Submission.model_validate({
-            "backbone": {"name": name, "arch": b.get("arch"), "parameters": b.get("parameters"),
+            "backbone": {"name": name, "arch": b.arch, "parameters": b.parameters,
                          "pretraining_data": pretraining_data, "pretraining_images": pretraining_images,
-                         "checkpoint_sha256": b.get("sha256"), "checkpoint_url": checkpoint_url,
-                         "layout": b.get("layout")},
+                         "checkpoint_sha256": b.sha256, "checkpoint_url": checkpoint_url, "layout": b.layout},
             "results": results, "harness_version": versions.pop(),
             "git_commit": commits.pop() if len(commits) == 1 else None, "hardware": hardware,
             "submitted": (today or dt.date.today()).isoformat(), "paper": paper, "code": code,
@@ -755,45 +741,33 @@ def tolerance(ref: MetricStats, n_new: int, sigmas: float, floor: float) -> floa
     return max(floor, sigmas * ref.std * math.sqrt(1.0 / len(ref.values) + 1.0 / n_new))
 
 
-def _read_results_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise HarnessError(f"results not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise HarnessError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
-        raise HarnessError(f"{path}: not a harness results.json")
-    return data
-
-
 def make_reference(results_path: Path, sigmas: float = 3.0, floor: float = 0.2,
                    cards: dict[str, TaskCard] | None = None) -> Reference:
     """A reference from a run of at least 3 seeds; it keeps each card's table columns."""
     cards = all_cards() if cards is None else cards
-    data = _read_results_json(results_path)
-    if data.get("synthetic"):
+    data = read_results(results_path)
+    if data.synthetic:
         raise HarnessError(f"{results_path}: synthetic results cannot be a reference")
     runs, versions = [], set()
-    for row in data["runs"]:
-        where = f"{row['task']}/{row['protocol']}/{row['profile']}"
-        if row["profile"] == "smoke":
+    for row in data.runs:
+        where = f"{row.task}/{row.protocol}/{row.profile}"
+        if row.profile == "smoke":
             raise HarnessError(f"{results_path}: {where} is a smoke run; a reference needs the short or full profile")
-        if len(row["seeds"]) < MIN_SEEDS_FULL:
-            raise HarnessError(f"{results_path}: {where} has {len(row['seeds'])} seed(s); a reference needs at least "
+        if len(row.seeds) < MIN_SEEDS_FULL:
+            raise HarnessError(f"{results_path}: {where} has {len(row.seeds)} seed(s); a reference needs at least "
                                f"{MIN_SEEDS_FULL} for its seed spread")
-        card = cards.get(row["task"])
-        if card is None or card.card_hash != row["card_hash"]:
-            raise HarnessError(f"{results_path}: {where} was made under another {row['task']} card than tasks/ holds")
-        keep = {k: v for k, v in row["metrics"].items() if k in card.metric.columns}
-        runs.append({"task": row["task"], "protocol": row["protocol"], "profile": row["profile"],
-                     "card_hash": row["card_hash"], "seeds": row["seeds"], "metrics": keep})
+        card = cards.get(row.task)
+        if card is None or card.card_hash != row.card_hash:
+            raise HarnessError(f"{results_path}: {where} was made under another {row.task} card than tasks/ holds")
+        keep = {k: v for k, v in row.metrics.items() if k in card.metric.columns}
+        runs.append({"task": row.task, "protocol": row.protocol, "profile": row.profile,
+                     "card_hash": row.card_hash, "seeds": row.seeds, "metrics": keep})
     for r in _seed_results(Path(results_path).parent).values():
         versions.add(r.harness_version)
-    b = data["backbone"]
+    b = data.backbone
     try:
         return Reference.model_validate({
-            "backbone": {"name": b["name"], "arch": b["arch"], "sha256": b.get("sha256")},
+            "backbone": {"name": b.name, "arch": b.arch, "sha256": b.sha256},
             "harness_version": ", ".join(sorted(versions)) or "unknown", "sigmas": sigmas, "floor": floor,
             "runs": runs})
     except ValidationError as exc:
@@ -830,14 +804,13 @@ class Check:
 
 def check_reference(results_path: Path, reference: Reference) -> list[Check]:
     """Compare a run with a reference: every reference metric within its tolerance, in either direction."""
-    data = _read_results_json(results_path)
-    if data.get("synthetic"):
+    data = read_results(results_path)
+    if data.synthetic:
         raise HarnessError(f"{results_path}: made on synthetic data; the reference is for real data")
-    b = data.get("backbone", {})
-    if b.get("sha256") != reference.backbone.sha256:
-        raise HarnessError(f"{results_path}: backbone sha256 {b.get('sha256')} is not the reference's "
+    if data.backbone.sha256 != reference.backbone.sha256:
+        raise HarnessError(f"{results_path}: backbone sha256 {data.backbone.sha256} is not the reference's "
                            f"{reference.backbone.sha256} ({reference.backbone.name})")
-    rows = {(r["task"], r["protocol"], r["profile"]): r for r in data["runs"]}
+    rows = {(r.task, r.protocol, r.profile): r for r in data.runs}
     checks = []
     for ref in reference.runs:
         run = f"{ref.task}/{ref.protocol}/{ref.profile}"
@@ -845,18 +818,18 @@ def check_reference(results_path: Path, reference: Reference) -> list[Check]:
         if row is None:
             checks.append(Check(run, "*", None, None, None, "missing"))
             continue
-        if row["card_hash"] != ref.card_hash:
+        if row.card_hash != ref.card_hash:
             checks.append(Check(run, "*", None, None, None, "card changed: re-record the reference"))
             continue
         for name, m in ref.metrics.items():
-            got = row["metrics"].get(name)
+            got = row.metrics.get(name)
             if got is None:
                 checks.append(Check(run, name, m.mean, None, None, "missing"))
                 continue
-            tol = tolerance(m, len(got["values"]), reference.sigmas, reference.floor)
-            diff = got["mean"] - m.mean
+            tol = tolerance(m, len(got.values), reference.sigmas, reference.floor)
+            diff = got.mean - m.mean
             status = "ok" if abs(diff) <= tol else ("below" if diff < 0 else "above")
-            checks.append(Check(run, name, m.mean, got["mean"], tol, status))
+            checks.append(Check(run, name, m.mean, got.mean, tol, status))
     for task, protocol, profile in rows:
         checks.append(Check(f"{task}/{protocol}/{profile}", "*", None, None, None, "not in reference"))
     return checks

@@ -1,20 +1,30 @@
-"""The Result record: one JSON per (backbone, task, protocol, profile, seed), and seed aggregation."""
+"""The run records and their one reader each.
+
+``result.json`` (``Result``): one run, per (backbone, task, protocol, profile, seed).
+``results.json`` (``Results``): every run of one backbone in a run folder, aggregated over seeds
+(``RunSummary`` per task, protocol and profile; ``MetricStats`` per metric). The leaderboard, the
+scaling study and the nightly reference check read them through ``read_result`` and ``read_results``.
+``<checkpoint>.json`` (``PretrainRecord``): how ``harness pretrain`` made a checkpoint; ``read_pretrain_record``.
+Files without a ``schema_version`` (written before it was recorded) have the layout of version 1.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness import __version__
 from harness.errors import HarnessError, first_problem
+from harness.files import write_json_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # of result.json
+RESULTS_SCHEMA_VERSION = 1  # of results.json
+RESULTS_NAME = "results.json"
 
 
 class BackboneInfo(BaseModel):
@@ -132,14 +142,6 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def write_result(path: Path, result: Result) -> None:
     write_json_atomic(path, result.model_dump(mode="json"))
 
@@ -161,7 +163,38 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def aggregate(results: list[Result]) -> list[dict]:
+class MetricStats(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mean: float
+    std: float = Field(ge=0, description="sample standard deviation over seeds (0 for one seed)")
+    values: list[float] = Field(min_length=1, description="one value per seed, in the order of `seeds`")
+
+
+class RunSummary(BaseModel):
+    """One (task, protocol, profile) of a run folder over its seeds: each scalar metric's mean, std and values."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: str
+    protocol: str
+    profile: str
+    card_hash: str
+    seeds: list[int]
+    backbone: BackboneInfo
+    dataset: DatasetInfo
+    metrics: dict[str, MetricStats]
+
+
+class Results(BaseModel):
+    """``results.json``: the runs of one backbone, aggregated over seeds."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = RESULTS_SCHEMA_VERSION
+    backbone: BackboneInfo
+    synthetic: bool  # made on synthetic data (any run)
+    runs: list[RunSummary]
+
+
+def aggregate(results: list[Result]) -> list[RunSummary]:
     """Group results by (task, protocol, profile) and give each scalar metric's mean, std and per-seed values."""
     groups: dict[tuple, list[Result]] = {}
     for r in results:
@@ -176,10 +209,72 @@ def aggregate(results: list[Result]) -> list[dict]:
             values = [r.metrics.get(key) for r in rs]
             if all(isinstance(v, (int, float)) for v in values):
                 mean, std = mean_std([float(v) for v in values])
-                metrics[key] = {"mean": mean, "std": std, "values": values}
-        rows.append({
-            "task": task, "protocol": protocol, "profile": profile, "card_hash": rs[0].card_hash,
-            "seeds": [r.seed for r in rs], "backbone": rs[0].backbone.model_dump(mode="json"),
-            "dataset": rs[0].dataset.model_dump(mode="json"), "metrics": metrics,
-        })
+                metrics[key] = MetricStats(mean=mean, std=std, values=values)
+        rows.append(RunSummary(task=task, protocol=protocol, profile=profile, card_hash=rs[0].card_hash,
+                               seeds=[r.seed for r in rs], backbone=rs[0].backbone, dataset=rs[0].dataset,
+                               metrics=metrics))
     return rows
+
+
+def summarize(results: list[Result], synthetic: bool) -> Results:
+    """The ``results.json`` of ``results`` (one backbone's runs)."""
+    return Results(backbone=results[0].backbone, synthetic=synthetic, runs=aggregate(results))
+
+
+def write_results(path: Path, summary: Results) -> None:
+    write_json_atomic(path, summary.model_dump())  # python mode: a NaN mean stays NaN, as json writes it
+
+
+def read_results(path: Path) -> Results:
+    """A ``results.json``; files without ``schema_version`` read as version 1, a newer version is refused."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise HarnessError(f"results not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HarnessError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or "runs" not in data or "backbone" not in data:
+        raise HarnessError(f"{path}: not a harness results.json (needs backbone and runs)")
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or version > RESULTS_SCHEMA_VERSION:
+        raise HarnessError(f"{path}: results.json schema version {version!r} is newer than this harness reads "
+                           f"({RESULTS_SCHEMA_VERSION}); update the harness")
+    try:
+        return Results.model_validate(data)
+    except ValidationError as exc:
+        raise HarnessError(f"{path}: not a harness results.json ({first_problem(exc)})") from None
+
+
+class PretrainRecord(BaseModel):
+    """The record ``harness pretrain`` writes beside its checkpoint (``ckpt.safetensors`` -> ``ckpt.json``)."""
+
+    model_config = ConfigDict(extra="allow")
+    harness_pretrain: int = 1  # the record's version
+    checkpoint: str
+    sha256: str
+    arch: str
+    images: int  # pretraining images (the fraction's subset)
+    total_images: int
+    fraction: float
+    num_classes: int
+    loss: str
+    settings: dict[str, Any]
+    training: dict[str, Any]
+    created: str
+
+
+def pretrain_record_path(checkpoint) -> Path:
+    """``ckpt.safetensors`` -> ``ckpt.json`` (the pretraining record beside the checkpoint)."""
+    out = Path(checkpoint)
+    return out.with_name(out.stem + ".json") if out.suffix else out.with_name(out.name + ".json")
+
+
+def read_pretrain_record(checkpoint) -> PretrainRecord | None:
+    """The pretraining record beside ``checkpoint``; None when there is none, an error when it does not read."""
+    path = pretrain_record_path(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        return PretrainRecord.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        raise HarnessError(f"{path}: not a harness pretraining record ({first_problem(exc)}); delete or fix it") from None

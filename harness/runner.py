@@ -22,7 +22,7 @@ from harness.backbones import Backbone
 from harness.cards import TaskCard, backbone_card, task_card
 from harness.datasets import roots
 from harness.datasets.coco import CocoDetection
-from harness.datasets.synthetic import DEFAULT_SIZES, MARKER, write_synthetic
+from harness.datasets.synthetic import MARKER, check_default_synthetic, write_synthetic_once
 from harness.datasets.voc import SEG_CLASSES, VOC_CLASSES, VOCDetection, VOCSegmentation, voc_year
 from harness.distributed import DistEnv, barrier, init_distributed
 from harness.engine import TrainConfig, amp_dtype, predict, train
@@ -34,8 +34,8 @@ from harness.models import build_model, train_augment
 from harness.models.detection import pad_colour
 from harness.models.pose import keypoints_to_pixel_indices
 from harness.protocols import apply_protocol
-from harness.results import (Result, aggregate, environment, git_commit, git_dirty, read_result, write_json_atomic,
-                             write_result)
+from harness.results import (RESULTS_NAME, Result, RunSummary, environment, git_commit, git_dirty, read_result,
+                             summarize, write_result, write_results)
 from harness.zoo import fetch_backbone, is_card_name, load_eval_backbone
 
 TABLE_HEADERS = {"AP": "mAP@[.5,.95]"}
@@ -395,15 +395,10 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
 def resolve_data_root(plan: EvalPlan, env: DistEnv) -> Path:
     if plan.synthetic:
         root = Path(plan.out) / "synthetic-data"
-        if env.is_main and not (root / ".complete").is_file():
-            write_synthetic(root, seed=0)
-            (root / ".complete").write_text("")
+        if env.is_main:
+            write_synthetic_once(root)
         barrier()
-        made = json.loads((root / MARKER).read_text())
-        if (made.get("seed"), made.get("sizes")) != (0, DEFAULT_SIZES):
-            raise HarnessError(f"{root} was generated with other settings than this version's "
-                               f"`harness data synth` ({made.get('sizes')}); use another --out")
-        return root
+        return check_default_synthetic(root)
     root = plan.data_root or (Path(os.environ[roots.DATA_ROOT_ENV]) if os.environ.get(roots.DATA_ROOT_ENV) else None)
     if root is None:
         raise HarnessError(f"no data root: pass --data-root DIR, set {roots.DATA_ROOT_ENV}, or use --synthetic")
@@ -437,7 +432,7 @@ def check_plan(plan: EvalPlan) -> list[TaskCard]:
     return cards
 
 
-def run_eval(plan: EvalPlan) -> list[dict]:
+def run_eval(plan: EvalPlan) -> list[RunSummary]:
     """Run every (task, protocol, seed) of the plan; returns the aggregated rows on rank 0, [] elsewhere."""
     cards = check_plan(plan)
     env = init_distributed(plan.device)
@@ -475,11 +470,10 @@ def run_eval(plan: EvalPlan) -> list[dict]:
                                           for r in planned) + f" ({DRY_RUN_ITERATIONS} steps, {DRY_RUN_IMAGES} "
                   "predictions each); nothing written")
         return []
-    rows = aggregate(results)
+    summary = summarize(results, synthetic)
     if env.is_main:
-        write_json_atomic(Path(plan.out) / "results.json", {"backbone": results[0].backbone.model_dump(mode="json"),
-                                                            "synthetic": synthetic, "runs": rows})
-    return rows if env.is_main else []
+        write_results(Path(plan.out) / RESULTS_NAME, summary)
+    return summary.runs if env.is_main else []
 
 
 def run_cell(plan: EvalPlan, task: str, protocol: str, seed: int, stop_requested=None) -> Result:
@@ -495,7 +489,7 @@ def run_cell(plan: EvalPlan, task: str, protocol: str, seed: int, stop_requested
     return run_one(plan, env, card, data, base, protocol, seed, synthetic, named, stop_requested=stop_requested)
 
 
-def collect(plan: EvalPlan) -> list[dict]:
+def collect(plan: EvalPlan) -> list[RunSummary]:
     """Aggregate the plan's finished cells into ``<out>/results.json`` as ``run_eval`` writes it; every
     cell must be finished, under the plan's task cards and profile and with one backbone."""
     results = []
@@ -513,35 +507,33 @@ def collect(plan: EvalPlan) -> list[dict]:
     made = {(r.backbone.sha256, r.backbone.arch) for r in results}
     if len(made) > 1:
         raise HarnessError(f"{plan.out} holds results of {len(made)} different backbones; use another --out")
-    rows = aggregate(results)
-    synthetic = any(r.dataset.synthetic for r in results)
-    write_json_atomic(Path(plan.out) / "results.json", {"backbone": results[0].backbone.model_dump(mode="json"),
-                                                        "synthetic": synthetic, "runs": rows})
-    return rows
+    summary = summarize(results, synthetic=any(r.dataset.synthetic for r in results))
+    write_results(Path(plan.out) / RESULTS_NAME, summary)
+    return summary.runs
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[RunSummary]) -> str:
     """One block per task: protocol, seeds, then the card's columns as mean ± std (detection and
     keypoint AP headed mAP@[.5,.95]); a block with frozen rows is titled with the stages frozen."""
     blocks = []
-    for task in dict.fromkeys(r["task"] for r in rows):
+    for task in dict.fromkeys(r.task for r in rows):
         card = task_card(task)
         columns = card.metric.columns
         headers = ["task", "protocol", "seeds"] + [TABLE_HEADERS.get(c, c) for c in columns]
         lines = []
-        for row in (r for r in rows if r["task"] == task):
-            cells = [task, row["protocol"], str(len(row["seeds"]))]
+        for row in (r for r in rows if r.task == task):
+            cells = [task, row.protocol, str(len(row.seeds))]
             for key in columns:
-                m = row["metrics"].get(key)
+                m = row.metrics.get(key)
                 if m is None:
                     cells.append("-")
                 else:
-                    cells.append(f"{m['mean']:.1f} ± {m['std']:.1f}" if len(row["seeds"]) > 1 else f"{m['mean']:.1f}")
+                    cells.append(f"{m.mean:.1f} ± {m.std:.1f}" if len(row.seeds) > 1 else f"{m.mean:.1f}")
             lines.append(cells)
         widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
         fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         title = []
-        if any(r["protocol"] == "frozen" for r in rows if r["task"] == task):
+        if any(r.protocol == "frozen" for r in rows if r.task == task):
             title = [f"{task} (frozen: {' '.join(card.model.frozen_stages)} fixed)"]
         blocks.append("\n".join(title + [fmt(headers)] + [fmt(line) for line in lines]))
     return "\n\n".join(blocks)

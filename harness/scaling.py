@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from harness.datasets.labelled import check_fraction
 from harness.errors import HarnessError
-from harness.pretrain import PretrainConfig, check_fraction, read_sidecar
+from harness.files import atomic_write
+from harness.pretrain import PretrainConfig
+from harness.results import PretrainRecord, RunSummary, read_pretrain_record, write_json_atomic
 
-Evaluator = Callable[[str, Path], list]  # (checkpoint, eval run folder) -> aggregated rows (harness.results.aggregate)
+Evaluator = Callable[[str, Path], list[RunSummary]]  # (checkpoint, eval run folder) -> results.json's runs
 
 
 @dataclass
@@ -211,29 +213,24 @@ def plot_scaling(points: list[dict], fits: list[dict], path: Path, title: str = 
     if names:
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 # ----------------------------------------------------------------------------- the study
-def summarize_rows(rows: list) -> dict:
+def summarize_rows(rows: list[RunSummary]) -> dict:
     """``run_eval`` rows -> ``{"task/protocol": {"primary": KEY, "metrics": {KEY: {mean, std, values}}}}``
     (the card's metric columns; the primary first)."""
     from harness.cards import task_card
 
     out = {}
     for row in rows:
-        card = task_card(row["task"])
+        card = task_card(row.task)
         keys = [card.metric.primary] + [k for k in card.metric.columns if k != card.metric.primary]
-        metrics = {k: row["metrics"][k] for k in keys if k in row["metrics"]}
+        metrics = {k: row.metrics[k].model_dump() for k in keys if k in row.metrics}
         if card.metric.primary not in metrics:
-            raise HarnessError(f"{row['task']}/{row['protocol']}: no {card.metric.primary} in the results")
-        out[f"{row['task']}/{row['protocol']}"] = {"primary": card.metric.primary, "metrics": metrics,
-                                                  "seeds": list(row.get("seeds", []))}
+            raise HarnessError(f"{row.task}/{row.protocol}: no {card.metric.primary} in the results")
+        out[f"{row.task}/{row.protocol}"] = {"primary": card.metric.primary, "metrics": metrics,
+                                            "seeds": list(row.seeds)}
     return out
 
 
@@ -245,11 +242,9 @@ def _shared_synthetic(plan: ScalingPlan, eval_dir: Path) -> None:
     if get_rank() != 0:
         return
     shared = Path(plan.out) / "synthetic-data"
-    if not (shared / ".complete").is_file():
-        from harness.datasets.synthetic import write_synthetic
+    from harness.datasets.synthetic import write_synthetic_once
 
-        write_synthetic(shared, seed=0)
-        (shared / ".complete").write_text("")
+    write_synthetic_once(shared)
     link = eval_dir / "synthetic-data"
     eval_dir.mkdir(parents=True, exist_ok=True)
     if not link.exists():
@@ -260,7 +255,7 @@ def _shared_synthetic(plan: ScalingPlan, eval_dir: Path) -> None:
 
 
 def default_evaluator(plan: ScalingPlan) -> Evaluator:
-    def evaluate(checkpoint: str, out: Path) -> list:
+    def evaluate(checkpoint: str, out: Path) -> list[RunSummary]:
         from harness.runner import EvalPlan, run_eval
 
         if plan.synthetic:
@@ -275,22 +270,22 @@ def default_evaluator(plan: ScalingPlan) -> Evaluator:
 
 
 def _images_of(plan: ScalingPlan, fraction: float, checkpoint: str) -> int:
-    record = read_sidecar(checkpoint)
-    if record is not None and "images" in record:
-        if abs(float(record.get("fraction", fraction)) - fraction) > 1e-12:
-            raise HarnessError(f"--checkpoints: {checkpoint} was pretrained on fraction {record.get('fraction')}, "
+    record = read_pretrain_record(checkpoint)
+    if record is not None:
+        if abs(record.fraction - fraction) > 1e-12:
+            raise HarnessError(f"--checkpoints: {checkpoint} was pretrained on fraction {record.fraction}, "
                                f"not {fraction:g}")
-        return int(record["images"])
+        return record.images
     if not plan.data:
         raise HarnessError(f"--checkpoints: {checkpoint} has no pretraining record (.json beside it) to tell its "
                            "image count; pass --data to count the subset")
-    from harness.pretrain import LabelHierarchy, open_pretrain_data
+    from harness.datasets.labelled import LabelHierarchy
+    from harness.datasets.pretraining import open_pretrain_data
 
     template = plan.pretrain or PretrainConfig(data=plan.data, arch=plan.arch, out="")
     data = open_pretrain_data(plan.data, fraction=fraction, subset_seed=template.subset_seed,
                               data_format=template.data_format,
-                              hierarchy=LabelHierarchy.load(template.hierarchy) if template.hierarchy else None,
-                              workers=1)
+                              hierarchy=LabelHierarchy.load(template.hierarchy) if template.hierarchy else None)
     return data.images
 
 
@@ -299,7 +294,6 @@ def run_scaling(plan: ScalingPlan, evaluate: Evaluator | None = None) -> dict:
     from harness.checkpoints import sha256_file
     from harness.distributed import get_rank
     from harness.pretrain import pretrain
-    from harness.results import write_json_atomic
 
     fractions = sorted(plan.fractions)
     if len(fractions) < 2:
@@ -321,20 +315,20 @@ def run_scaling(plan: ScalingPlan, evaluate: Evaluator | None = None) -> dict:
         if f in plan.checkpoints:
             checkpoint = plan.checkpoints[f]
             images = _images_of(plan, f, checkpoint)
-            record = read_sidecar(checkpoint)
+            record = read_pretrain_record(checkpoint)
         else:
             template = plan.pretrain or PretrainConfig(data=plan.data, arch=plan.arch, out="", epochs=1)
             cfg = dataclasses.replace(template, data=plan.data, arch=plan.arch, fraction=f,
                                       out=str(out / "pretrain" / label / "backbone.safetensors"), work_dir=None,
                                       device=template.device or plan.device, progress=plan.progress)
-            record = pretrain(cfg)
-            checkpoint, images = cfg.out, int(record["images"])
+            record = PretrainRecord.model_validate(pretrain(cfg))
+            checkpoint, images = cfg.out, record.images
         rows = evaluate(checkpoint, out / "eval" / label)
         points.append({
             "fraction": f, "images": images, "checkpoint": str(checkpoint),
             "sha256": sha256_file(checkpoint) if get_rank() == 0 else None,
-            "pretrain": None if record is None else {k: record.get(k) for k in ("images", "total_images", "loss",
-                                                                                  "num_classes", "training")},
+            "pretrain": None if record is None else record.model_dump(include={"images", "total_images", "loss",
+                                                                               "num_classes", "training"}),
             "results": summarize_rows(rows),
         })
     fits = fit_points(points, plan.confidence)

@@ -1,13 +1,14 @@
 """Leaderboard: submit, validate, render (Markdown, CSV, and the HTML page in headless Chromium),
 the nightly reference check, and the two workflows (linted with actionlint).
 
-Run folders are fabricated here with the real Result record and `aggregate`, in tmp dirs: made-up
+Run folders are fabricated here with the real Result record and `summarize`, in tmp dirs: made-up
 numbers for tests only. The committed leaderboard/submissions/ stays empty.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import os
@@ -28,7 +29,7 @@ from harness import leaderboard as lb
 from harness.cards import all_cards
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.results import Result, aggregate, write_json_atomic, write_result
+from harness.results import Result, read_results, summarize, write_result, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = all_cards()
@@ -53,7 +54,7 @@ def fabricate_run(out: Path, *, level: float = 40.0, profile: str = "full", offs
                 metrics = {m: level + BASE[task] + k + offset + shift.get((task, protocol, m), 0.0)
                            for k, m in enumerate(card.metric.columns)}
                 if task == "voc":
-                    metrics["AP50_per_class"] = [50.0] * 20  # not scalar: aggregate leaves it out
+                    metrics["AP50_per_class"] = [50.0] * 20  # not scalar: summarize leaves it out
                 r = Result(
                     backbone={"name": ckpt, "arch": "resnet50", "sha256": sha, "layout": "torchvision",
                               "parameters": 23_508_032},
@@ -67,8 +68,7 @@ def fabricate_run(out: Path, *, level: float = 40.0, profile: str = "full", offs
                 )
                 write_result(out / task / protocol / f"seed{seed}" / "result.json", r)
                 results.append(r)
-    write_json_atomic(out / "results.json", {"backbone": results[0].backbone.model_dump(mode="json"),
-                                             "synthetic": synthetic, "runs": aggregate(results)})
+    write_results(out / "results.json", summarize(results, synthetic))
     return out / "results.json"
 
 
@@ -604,6 +604,37 @@ def test_make_reference_refuses(tmp_path, kind, message):
     run = {"one seed": dict(offsets=(0.0,)), "smoke": dict(profile="smoke"), "synthetic": dict(synthetic=True)}[kind]
     with pytest.raises(HarnessError, match=message):
         lb.make_reference(fabricate_run(tmp_path / "run", **run))
+
+
+# ----------------------------------------------------------------------------- results.json versions
+def test_results_json_without_a_schema_version_reads_and_submits_the_same(board, tmp_path):
+    """A results.json written before it recorded schema_version (that layout is version 1) still reads:
+    the same submission and the same reference check as a current file."""
+    current = fabricate_run(tmp_path / "current", profile="short")
+    data = json.loads(current.read_text())
+    assert data.pop("schema_version") == 1 and set(data) == {"backbone", "synthetic", "runs"}
+    old = fabricate_run(tmp_path / "old", profile="short")
+    old.write_text(json.dumps(data, indent=2))
+    assert read_results(old) == read_results(current)
+    day = dt.date(2026, 1, 2)
+    subs = [lb.build_submission(p, name="R50", pretraining_data="IN-1k", today=day) for p in (old, current)]
+    assert subs[0] == subs[1] and subs[0].results[0].metrics["AP"].values == data["runs"][0]["metrics"]["AP"]["values"]
+    ref = lb.make_reference(current)
+    assert [str(c) for c in lb.check_reference(old, ref)] == [str(c) for c in lb.check_reference(current, ref)]
+
+
+def test_results_json_of_a_newer_harness_or_another_file_is_a_one_line_error(tmp_path):
+    path = fabricate_run(tmp_path / "run", profile="short")
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "schema_version": 2}))
+    with pytest.raises(HarnessError, match=r"schema version 2 is newer than this harness reads \(1\)"):
+        read_results(path)
+    seed = tmp_path / "run" / "coco" / "finetune" / "seed0" / "result.json"
+    with pytest.raises(HarnessError, match="not a harness results.json \\(needs backbone and runs\\)"):
+        lb.make_reference(seed)
+    path.write_text(json.dumps({**data, "runs": [{**data["runs"][0], "seeds": "0,1,2"}]}))
+    with pytest.raises(HarnessError, match=r"not a harness results.json \(runs\[0\].seeds: "):
+        read_results(path)
 
 
 # ----------------------------------------------------------------------------- workflows

@@ -1,4 +1,5 @@
-"""`harness pretrain`: subsets, the three data formats, losses, hierarchy, training, resume."""
+"""`harness pretrain` and its data: subsets, the three data formats (shards streamed across ranks and
+DataLoader workers, resumable), losses, hierarchy, training, resume."""
 
 from __future__ import annotations
 
@@ -11,25 +12,22 @@ import pytest
 import torch
 from PIL import Image
 
+from torch.utils.data import DataLoader
+
 from harness.backbones import build_backbone
 from harness.checkpoints import load_backbone
+from harness.datasets.labelled import LabelHierarchy, in_subset, subset_score
+from harness.datasets.pretraining import open_pretrain_data
+from harness.datasets.shards import ShardStream, index_shards, list_shards, resume_point, write_shards
 from harness.errors import HarnessError
 from harness.pretrain import (
-    LabelHierarchy,
     PretrainAugment,
     PretrainConfig,
     PretrainModel,
-    ShardStream,
-    brace_expand,
-    in_subset,
-    list_shards,
-    open_pretrain_data,
     pretrain,
     read_sidecar,
     sigmoid_loss,
     softmax_loss,
-    subset_score,
-    write_shards,
 )
 
 
@@ -62,8 +60,15 @@ def _manifest(tmp: Path) -> Path:
     return path
 
 
-def _stream_values(stream, n: int) -> list[int]:
-    return [int(stream[i][0][0, 0, 0]) for i in range(n)]
+def _epoch_values(stream: ShardStream, workers: int = 0, epoch: int = 0) -> list[int]:
+    """One epoch of ``stream`` read by a DataLoader with ``workers`` workers: each sample's red value."""
+    stream.set_epoch(epoch)
+    return [int(image[0, 0, 0]) for image, _ in DataLoader(stream, batch_size=None, num_workers=workers,
+                                                             collate_fn=lambda sample: sample)]
+
+
+def _batch_values(stream: ShardStream, start: int, stop: int, per_rank: int, workers: int) -> list[int]:
+    return [int(image[0, 0, 0]) for images, _ in stream.batches(start, stop, per_rank, workers) for image in images]
 
 
 def _shards(tmp: Path, n: int = 24, per_shard: int = 4) -> Path:
@@ -152,62 +157,77 @@ def test_webdataset_shards_stream_split_across_ranks_and_workers(tmp_path):
     folder = _shards(tmp_path)
     assert len(list_shards(str(folder))) == 6
     assert list_shards(str(folder / "data-{000..005}.tar")) == list_shards(str(folder))
-    data = open_pretrain_data(str(folder), workers=2, shuffle_buffer=3)
+    data = open_pretrain_data(str(folder), shuffle_buffer=3)
     assert (data.kind, data.images, data.total_images, data.shards) == ("wds", 24, 24, 6)
     assert data.classes == ["even", "odd", "three"]
     stream = data.dataset
-    try:
-        first_pass = _stream_values(stream, 24)
-        assert sorted(first_pass) == list(range(24))  # one pass = every sample once, shuffled
-        assert first_pass != list(range(24))
-        image, target = stream[24]
-        v = int(image[0, 0, 0])
-        assert target["labels"].tolist() == [float(v % 2 == 0), float(v % 2 == 1), float(v % 3 == 0)]
-    finally:
-        stream.close()
-    # two ranks x two workers: disjoint shards, together every sample once per pass
-    seen = []
-    for rank in (0, 1):
-        s = ShardStream(list_shards(str(folder)), {"even": 0, "odd": 1, "three": 2}, rank=rank, world_size=2,
-                        workers=2, shuffle_buffer=2)
-        try:
-            assert [len(w) for w in s.worker_shards] == [2, 1] and s.worker_images == [8, 4] and len(s) == 24
-            values = _stream_values(s, 24)  # two cycles: each one pass over this rank's 12 images
-            assert sorted(values[:12]) == sorted(values[12:]) and len(set(values[:12])) == 12
-            seen.append(values[:12])
-        finally:
-            s.close()
-    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(24))
+    first_pass = _epoch_values(stream)
+    assert sorted(first_pass) == list(range(24))  # one epoch = every sample once, shuffled
+    assert first_pass != list(range(24))
+    second_pass = _epoch_values(stream, epoch=1)
+    assert sorted(second_pass) == list(range(24)) and second_pass != first_pass  # reshuffled per epoch
+    image, target = next(iter(stream))
+    v = int(image[0, 0, 0])
+    assert image.dtype == torch.uint8 and image.shape == (3, 8, 8)
+    assert target["labels"].tolist() == [float(v % 2 == 0), float(v % 2 == 1), float(v % 3 == 0)]
     # the subset filter applies to the stream too, with the same keys as everywhere
-    sub = open_pretrain_data(str(folder), fraction=0.5, workers=1)
+    sub = open_pretrain_data(str(folder), fraction=0.5)
     expected = sorted(i for i in range(24) if in_subset(f"s{i:03d}", 0.5))
-    try:
-        assert sub.images == len(expected) and sorted(_stream_values(sub.dataset, sub.images)) == expected
-    finally:
-        sub.dataset.close()
+    assert sub.images == len(expected) and sorted(_epoch_values(sub.dataset)) == expected
 
 
-def test_shard_stream_is_deterministic_and_skip_resumes_it(tmp_path):
-    shards = list_shards(str(_shards(tmp_path)))
-    index = {"even": 0, "odd": 1, "three": 2}
+def test_each_sample_is_read_once_per_epoch_across_ranks_and_workers(tmp_path):
+    """Simulated ranks, each with a DataLoader of 2 worker processes: the ranks' shards are disjoint,
+    and together the ranks read every sample exactly once per epoch (also with a fraction, and
+    with shards of unequal size, so the workers hold unequal numbers of images)."""
+    shards = list_shards(str(_shards(tmp_path, n=26)))  # 7 shards: six of 4 images, one of 2
+    world_size = 3  # ranks hold 3, 2 and 2 shards
+    for fraction in (1.0, 0.6):
+        index = index_shards(shards, fraction)
+        expected = sorted(i for i in range(26) if in_subset(f"s{i:03d}", fraction))
+        for epoch in (0, 1):
+            seen = []
+            for rank in range(world_size):
+                stream = ShardStream(shards, {"even": 0, "odd": 1, "three": 2}, index.counts, fraction=fraction,
+                                     rank=rank, world_size=world_size, seed=3, shuffle_buffer=5)
+                values = _epoch_values(stream, 2, epoch)
+                assert len(values) == stream.rank_images == sum(stream.worker_images(2))
+                seen += values
+            assert sorted(seen) == expected, (fraction, epoch)
+
+
+def test_shard_stream_is_deterministic_and_resumes_mid_epoch(tmp_path):
+    """The batches from iteration ``start`` on are those an uninterrupted run gives from there, for
+    every start (inside the first epoch, on and across epoch boundaries), with 0 and 2 workers."""
+    shards = list_shards(str(_shards(tmp_path, n=26)))
+    index = index_shards(shards)
 
     def make():
-        return ShardStream(shards, index, workers=3, seed=5, shuffle_buffer=4)
+        return ShardStream(shards, {"even": 0, "odd": 1, "three": 2}, index.counts, seed=5, shuffle_buffer=4)
 
-    a, b, c = make(), make(), make()
-    try:
-        full = _stream_values(a, 40)  # crosses into the second pass
-        assert _stream_values(b, 40) == full
-        c.skip(17)
-        assert [int(c[i][0][0, 0, 0]) for i in range(23)] == full[17:]
-    finally:
-        for s in (a, b, c):
-            s.close()
+    for workers, starts in ((0, range(1, 16)), (2, (3, 7, 14))):
+        full = _batch_values(make(), 0, 16, 4, workers)  # 64 samples: two epochs of 26 and part of a third
+        assert len(full) == 64 and sorted(full[:26]) == sorted(full[26:52]) == list(range(26))
+        for start in starts:
+            assert _batch_values(make(), start, 16, 4, workers) == full[start * 4:], (workers, start)
+        assert _batch_values(make(), 0, 16, 4, workers) == full  # deterministic
+    other = _batch_values(ShardStream(shards, {"even": 0, "odd": 1, "three": 2}, index.counts, seed=6,
+                                      shuffle_buffer=4), 0, 7, 4, 2)
+    assert other != full[:28]  # another seed, another order
+
+
+def test_resume_point_follows_the_round_robin():
+    """Against a direct simulation of the DataLoader's in-order round robin over uneven workers."""
+    for counts in ([3, 3], [5, 2, 0, 4], [1], [0, 6, 1]):
+        order = [(w, r) for r in range(max(counts)) for w in range(len(counts)) if r < counts[w]]
+        for offset in range(sum(counts)):
+            taken = [sum(1 for w2, _ in order[:offset] if w2 == w) for w in range(len(counts))]
+            assert resume_point(counts, offset) == (taken, order[offset][0]), (counts, offset)
 
 
 def test_shards_with_cls_labels_and_pipe_urls(tmp_path):
-    import tarfile
     import io
+    import tarfile
 
     path = tmp_path / "cls.tar"
     with tarfile.open(path, "w") as tf:
@@ -216,17 +236,56 @@ def test_shards_with_cls_labels_and_pipe_urls(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tf.addfile(info, io.BytesIO(payload))
-    (tmp_path / "classes.txt").write_text("zero\none\n")
-    data = open_pretrain_data(f"pipe:cat {path}", classes=["zero", "one"], workers=1, shuffle_buffer=1)
-    try:
-        assert (data.kind, data.images, data.classes) == ("wds", 4, ["zero", "one"])
-        for i in range(4):
-            image, target = data.dataset[i]
-            assert target["labels"].tolist() == ([1.0, 0.0] if int(image[0, 0, 0]) % 2 == 0 else [0.0, 1.0])
-    finally:
-        data.dataset.close()
-    assert brace_expand("a{1..3}b{x,y}") == ["a1bx", "a1by", "a2bx", "a2by", "a3bx", "a3by"]
-    assert brace_expand("d-{008..010}.tar") == ["d-008.tar", "d-009.tar", "d-010.tar"]
+    data = open_pretrain_data(f"pipe:cat {path}", classes=["zero", "one"], shuffle_buffer=1)
+    assert (data.kind, data.images, data.classes) == ("wds", 4, ["zero", "one"])
+    samples = list(data.dataset)
+    assert len(samples) == 4
+    for image, target in samples:
+        assert target["labels"].tolist() == ([1.0, 0.0] if int(image[0, 0, 0]) % 2 == 0 else [0.0, 1.0])
+    assert list_shards("pipe:cat d-{008..010}.tar") == ["pipe:cat d-008.tar", "pipe:cat d-009.tar",
+                                                         "pipe:cat d-010.tar"]
+    assert list_shards(f"pipe:cat {tmp_path}/{{a,b}}{{1..2}}.tar") == [f"pipe:cat {tmp_path}/{n}.tar"
+                                                                      for n in ("a1", "a2", "b1", "b2")]
+
+
+def test_bad_shards_are_one_line_errors(tmp_path):
+    import io
+    import tarfile
+
+    def tar(name, members):
+        path = tmp_path / name
+        with tarfile.open(path, "w") as tf:
+            for member, payload in members:
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+        return str(path)
+
+    cases = {
+        tar("nolabel.tar", [("a.png", _png_bytes(1))]): "no label member",
+        tar("noimage.tar", [("a.json", b'{"labels": ["x"]}')]): "no image member",
+        tar("badjson.tar", [("a.png", _png_bytes(1)), ("a.json", b"{")]): "not JSON",
+        tar("badcls.tar", [("a.png", _png_bytes(1)), ("a.cls", b"cat")]): "integer class",
+    }
+    for path, message in cases.items():
+        with pytest.raises(HarnessError, match=message):
+            open_pretrain_data(path)
+    twice = tar("twice.tar", [("a.png", _png_bytes(1)), ("a.json", b'{"labels": ["x"]}')])
+    with pytest.raises(HarnessError, match="appears twice"):
+        open_pretrain_data(f"{tmp_path}/{{twice,twice}}.tar")
+    (tmp_path / "junk.tar").write_bytes(b"not a tar file" * 100)
+    with pytest.raises(HarnessError, match="not a readable tar shard"):
+        open_pretrain_data(str(tmp_path / "junk.tar"))
+    with pytest.raises(HarnessError, match="shard not found"):
+        open_pretrain_data(str(tmp_path / "missing-{1..2}.tar"))
+    with pytest.raises(HarnessError, match="not in --classes"):
+        open_pretrain_data(twice, classes=["y"])
+    # an image that cannot be decoded is found while streaming, in a DataLoader worker: still one line
+    broken = tar("broken.tar", [("a.png", b"\x89PNG broken"), ("a.json", b'{"labels": ["x"]}')])
+    stream = open_pretrain_data(broken).dataset
+    with pytest.raises(HarnessError) as err:
+        list(stream.batches(0, 1, 1, workers=1))
+    assert "not a readable image" in str(err.value) and "\n" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------- losses + hierarchy
@@ -297,6 +356,7 @@ def _tiny_config(data: Path, out: Path, **kw) -> PretrainConfig:
     return PretrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_pretrain_cli_writes_a_loadable_harness_checkpoint(tmp_path, capsys):
     from harness.cli import main
     from harness.datasets.synthetic import write_pretrain_synthetic
@@ -341,6 +401,7 @@ def _interrupt_after(monkeypatch, calls: int):
     monkeypatch.setattr(PretrainAugment, "__call__", flaky)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,optimizer", [("manifest", "sgd"), ("wds", "sgd"), ("manifest", "adamw")])
 def test_pretrain_resumes_to_the_same_weights(tmp_path, monkeypatch, kind, optimizer):
     """Killed mid-run, a rerun resumes from the last checkpoint (optimizer state included) to the same weights."""
@@ -363,6 +424,9 @@ def test_pretrain_resumes_to_the_same_weights(tmp_path, monkeypatch, kind, optim
         with pytest.raises(RuntimeError, match="simulated crash"):
             pretrain(_tiny_config(data, tmp_path / "b.safetensors", optimizer=optimizer, lr=None))
     assert not (tmp_path / "b.safetensors").exists()
+    if kind == "wds":  # the stream's order depends on its loader workers: resuming with others is refused
+        with pytest.raises(HarnessError, match="other settings.*shard_stream"):
+            pretrain(_tiny_config(data, tmp_path / "b.safetensors", optimizer=optimizer, lr=None, workers=1))
     resumed = pretrain(_tiny_config(data, tmp_path / "b.safetensors", optimizer=optimizer, lr=None))
     assert resumed["training"]["start_iteration"] == 2  # the checkpoint of iteration 2
     a = load_backbone(str(tmp_path / "a.safetensors")).state_dict()
@@ -374,6 +438,7 @@ def test_pretrain_resumes_to_the_same_weights(tmp_path, monkeypatch, kind, optim
     assert losses("a.run") == losses("b.run") and len(losses("a.run")) == 4
 
 
+@pytest.mark.slow
 def test_pretrain_under_torchrun_on_streamed_shards(tmp_path):
     """Two gloo processes (DDP): each streams its own shards; rank 0 writes one loadable checkpoint."""
     import os

@@ -204,8 +204,16 @@ def test_frozen_stages_leave_the_other_stages_training():
 
 
 def test_table_header_names_the_frozen_stages():
-    row = {"task": "voc", "protocol": "frozen", "seeds": [0], "metrics": {"AP50": {"mean": 50.0, "std": 0.0}}}
-    assert "frozen: stem c2 c3 c4 c5 fixed" in format_table([row])
+    from harness.results import RunSummary
+
+    row = RunSummary(task="voc", protocol="frozen", profile="smoke", card_hash="0" * 64, seeds=[0],
+                     backbone={"name": "random:resnet18", "arch": "resnet18", "sha256": None, "layout": "random",
+                               "parameters": 11_176_512},
+                     dataset={"name": "voc", "train_split": "trainval", "test_split": "test", "images_trained": 6,
+                              "images_scored": 4, "synthetic": True},
+                     metrics={"AP50": {"mean": 50.0, "std": 0.0, "values": [50.0]}})
+    table = format_table([row])
+    assert "frozen: stem c2 c3 c4 c5 fixed" in table and "50.0" in table.splitlines()[-1]
 
 
 def test_padding_uses_the_backbones_mean_colour():

@@ -180,3 +180,23 @@ def test_a_tiny_real_study_end_to_end(tmp_path, monkeypatch, capsys):
     again = json.loads((study / "scaling.json").read_text())
     assert again["fits"] == summary["fits"]
     assert "kept" in capsys.readouterr().out
+
+
+def test_a_given_checkpoints_pretraining_record_is_read_and_checked(tmp_path):
+    from harness.results import pretrain_record_path
+
+    ckpt = tmp_path / "c.safetensors"
+    ckpt.write_bytes(b"x")
+    plan = ScalingPlan(arch="resnet18", fractions=[0.1, 1.0], out=tmp_path / "study",
+                       checkpoints={0.1: str(ckpt), 1.0: str(ckpt)})
+    with pytest.raises(HarnessError, match="has no pretraining record"):
+        run_scaling(plan, evaluate=lambda checkpoint, out: [])
+    record = {"harness_pretrain": 1, "checkpoint": str(ckpt), "sha256": "ab" * 32, "arch": "resnet18", "images": 12,
+              "total_images": 24, "fraction": 0.5, "num_classes": 3, "loss": "sigmoid", "settings": {},
+              "training": {}, "created": "2026-12-01T00:00:00+00:00"}
+    pretrain_record_path(ckpt).write_text(json.dumps(record))
+    with pytest.raises(HarnessError, match="c.safetensors was pretrained on fraction 0.5, not 0.1"):
+        run_scaling(plan, evaluate=lambda checkpoint, out: [])
+    pretrain_record_path(ckpt).write_text(json.dumps({**record, "images": "many"}))
+    with pytest.raises(HarnessError, match=r"c.json: not a harness pretraining record \(images: "):
+        run_scaling(plan, evaluate=lambda checkpoint, out: [])

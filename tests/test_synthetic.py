@@ -289,3 +289,18 @@ def test_pretrain_labels_name_objects_at_least_40_percent_visible(tmp_path):
         recognisable = {a.cls for a in syn.annotate(scene) if not a.difficult}
         assert set(row["labels"]) == recognisable, row
     assert sum(bool(r["labels"]) for r in rows) >= 25
+
+
+def test_default_synthetic_root_is_written_once_and_checked(tmp_path):
+    """`eval --synthetic` and the scaling study share one write-once root; a root from other settings is refused."""
+    from harness.datasets.synthetic import DEFAULT_SIZES, MARKER, check_default_synthetic, write_synthetic_once
+
+    root = tmp_path / "synthetic-data"
+    root.mkdir()
+    (root / ".complete").write_text("")  # a finished write: nothing is written again
+    (root / MARKER).write_text(json.dumps({"seed": 0, "sizes": DEFAULT_SIZES}))
+    assert write_synthetic_once(root) == root and sorted(p.name for p in root.iterdir()) == [".complete", MARKER]
+    assert check_default_synthetic(root) == root
+    (root / MARKER).write_text(json.dumps({"seed": 0, "sizes": {"coco_train": 200}}))
+    with pytest.raises(HarnessError, match="generated with other settings.*use another --out"):
+        check_default_synthetic(root)

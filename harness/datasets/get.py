@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness.errors import HarnessError, first_problem
 from harness.fetch import fetch, free_bytes, parse_checksum
+from harness.files import write_text_atomic
 
 REGISTRY_ENV = "HARNESS_DATA_REGISTRY"
 
@@ -185,9 +186,7 @@ def convert_train_aug(root: Path, log=print) -> None:
         Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="L").save(tmp / f"{image_id}.png")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    part = aug_list.with_suffix(".txt.tmp")
-    part.write_text("".join(f"{i}\n" for i in ids))
-    os.replace(part, aug_list)
+    write_text_atomic(aug_list, "".join(f"{i}\n" for i in ids))
     log(f"train_aug: {len(ids):,} label PNGs in {out}, list in {aug_list}")
 
 

@@ -988,6 +988,28 @@ def write_synthetic(out: Path, seed: int = 0, **sizes: int) -> dict:
     return summary
 
 
+COMPLETE = ".complete"  # written after a whole `write_synthetic` call: a killed write is redone
+
+
+def write_synthetic_once(root: Path) -> Path:
+    """The default synthetic data (seed 0, ``DEFAULT_SIZES``) at ``root``, written unless a finished
+    write is there (``harness eval --synthetic`` and the scaling study share it; call on one rank)."""
+    root = Path(root)
+    if not (root / COMPLETE).is_file():
+        write_synthetic(root, seed=0)
+        (root / COMPLETE).write_text("")
+    return root
+
+
+def check_default_synthetic(root: Path) -> Path:
+    """``root`` when its marker says it holds this version's default synthetic data, else a one-line error."""
+    made = json.loads((Path(root) / MARKER).read_text())
+    if (made.get("seed"), made.get("sizes")) != (0, DEFAULT_SIZES):
+        raise HarnessError(f"{root} was generated with other settings than this version's "
+                           f"`harness data synth` ({made.get('sizes')}); use another --out")
+    return Path(root)
+
+
 # ----------------------------------------------------------------------------- pretraining
 def write_pretrain_synthetic(out: Path, size: int, label_noise: float, seed: int = 0,
                              image_size: int = 128) -> Path:
