@@ -68,7 +68,7 @@ def score_run(run: Path, data_root: Path, pose: np.ndarray, backbone: str | None
     import torch
     from torchvision.models.detection.roi_heads import keypointrcnn_inference
 
-    from harness.backbones import load_backbone
+    from harness.checkpoints import load_backbone
     from harness.cards import task_card
     from harness.engine import predict
     from harness.metrics.coco import coco_keypoint_metrics

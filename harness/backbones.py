@@ -13,6 +13,9 @@ Families:
     initialised) turns the last block's stride-16 map into the four maps.
   * any other timm model with ``forward_intermediates`` (ConvNeXt, Swin, RegNet, EfficientNet,
     ...): the trunk is ``model.*``; ``c2..c5`` are its last features at strides 4, 8, 16, 32.
+
+This module knows no checkpoint file: :mod:`harness.checkpoints` reads files into these
+architectures (``load_backbone``, ``random:<arch>``) and writes them (``save_backbone``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -186,6 +188,10 @@ class Backbone(nn.Module):
             if key.startswith(self.trunk_prefix) and not self.is_new(key):
                 out[key[n:]] = tuple(value.shape)
         return out
+
+    def resize_checkpoint_tensor(self, key: str, t: torch.Tensor) -> torch.Tensor | None:
+        """``t`` (checkpoint key ``key``) resampled to this model's shape, where that is exact enough; else None."""
+        return None
 
     def trunk_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
         """The trunk's tensors under their checkpoint names (what ``export`` writes)."""
@@ -355,6 +361,21 @@ class ViTBackbone(Backbone):
             self.pyramid[name] = module
             self.feature_info.append(FeatureInfo(name, ch, stride))
 
+    def resize_checkpoint_tensor(self, key: str, t: torch.Tensor) -> torch.Tensor | None:
+        """A position embedding for another grid, resampled bicubically to the model's (prefix tokens kept)."""
+        from timm.layers import resample_abs_pos_embed
+
+        vit = self.vit
+        if key != "pos_embed" or t.dim() != 3 or t.shape[0] != 1 or t.shape[2] != vit.pos_embed.shape[2]:
+            return None
+        npt = 0 if getattr(vit, "no_embed_class", False) else int(vit.num_prefix_tokens)
+        n = t.shape[1] - npt
+        g = int(round(math.sqrt(n)))
+        if n <= 0 or g * g != n:
+            return None
+        grid = list(vit.patch_embed.grid_size)
+        return resample_abs_pos_embed(t.float(), new_size=grid, old_size=[g, g], num_prefix_tokens=npt).to(t.dtype)
+
     def forward_features(self, x):
         (feat,) = self.vit.forward_intermediates(x, indices=[self.last_block], intermediates_only=True, norm=False)
         return OrderedDict((name, self.pyramid[name](feat)) for name in FEATURE_NAMES)
@@ -501,64 +522,3 @@ def _reject_opts(arch: str, opts: dict, allowed: set) -> None:
     extra = sorted(k for k, v in opts.items() if k not in allowed and v not in (None, False, 0))
     if extra:
         raise HarnessError(f"option(s) {', '.join(extra)} do not apply to {arch}")
-
-
-# ----------------------------------------------------------------------------- load / save
-RANDOM_INIT_SEED = 0  # random:<arch> is the architecture's initialisation drawn with this torch seed
-
-
-def load_backbone(path_or_spec, arch: str | None = None, **opts) -> Backbone:
-    """Backbone from a checkpoint file (any layout ``harness inspect`` knows) or ``random:<arch>``.
-
-    Options: ``normalization`` (override), ``allow_missing`` / ``allow_unexpected`` (deliberate
-    partial loads), ``key`` (top-level entry to read, e.g. ``student``), ``prefix`` (encoder prefix),
-    ``unsafe_load`` (DANGEROUS: full pickle, may run code from the file), and the build options
-    ``img_size``, ``num_heads`` (ViTs) and ``stride_in_1x1`` (ResNets) when the file does not
-    decide them. Raises :class:`HarnessError` unless every tensor is accounted for.
-    The result carries ``checkpoint`` (path, sha256, layout) and ``load_report`` (as ``inspect``).
-    """
-    spec = str(path_or_spec)
-    if spec.startswith("random:"):
-        name = spec[len("random:"):] or arch
-        if not name:
-            raise HarnessError("random: needs an architecture, e.g. random:resnet50")
-        if arch and canonical_arch(arch) != canonical_arch(name):
-            raise HarnessError(f"spec {spec!r} names {name} but arch={arch!r} was asked")
-        normalization = opts.pop("normalization", None)
-        build_opts = {k: opts[k] for k in ("img_size", "stride_in_1x1", "reg_tokens", "num_heads") if opts.get(k)}
-        with torch.random.fork_rng(devices=[]):  # the same weights on every rank and every rerun
-            torch.manual_seed(RANDOM_INIT_SEED)
-            bb = build_backbone(name, normalization=normalization, **build_opts)
-        bb.checkpoint = {"path": None, "sha256": None, "layout": "random"}
-        return bb
-    from harness.checkpoints import load_checkpoint_into_backbone
-
-    return load_checkpoint_into_backbone(spec, arch=arch, **opts)
-
-
-HARNESS_FORMAT = "1"
-
-
-def save_backbone(backbone: Backbone, path) -> Path:
-    """Write ``backbone`` in the harness's own format: safetensors with metadata
-    ``{"harness_format": "1", "arch", "normalization" (JSON), "options" (JSON)}``; keys are the
-    trunk's checkpoint names (plus ``pyramid.*`` for ViTs, loaded back when present)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = len(backbone.trunk_prefix)
-    tensors = {}
-    for key, value in backbone.state_dict().items():
-        if key.startswith(backbone.trunk_prefix) and not backbone.is_new(key):
-            tensors[key[n:]] = value.detach().cpu().contiguous().clone()
-        elif backbone.is_new(key):
-            tensors[key] = value.detach().cpu().contiguous().clone()
-    metadata = {
-        "harness_format": HARNESS_FORMAT,
-        "arch": backbone.arch,
-        "normalization": json.dumps(backbone.normalization.to_dict()),
-        "options": json.dumps(backbone.options),
-    }
-    save_file(tensors, str(path), metadata=metadata)
-    return path

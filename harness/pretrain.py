@@ -213,8 +213,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     Returns the record (also on non-zero ranks). A finished run with the same settings is not
     redone; an interrupted one resumes from ``work_dir/checkpoint.pt``.
     """
-    from harness.backbones import build_backbone, save_backbone
-    from harness.checkpoints import sha256_file
+    from harness.backbones import build_backbone
+    from harness.checkpoints import save_backbone, sha256_file
     from harness.distributed import barrier, broadcast_object, init_distributed
     from harness.engine import train
     from harness.results import pretrain_record_path, write_json_atomic

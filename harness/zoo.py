@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.backbones import Backbone, load_backbone
+from harness.backbones import Backbone
 from harness.cards import BackboneCard, backbone_card
+from harness.checkpoints import load_backbone
 from harness.errors import HarnessError
 from harness.fetch import cache_dir, fetch, source_of
 

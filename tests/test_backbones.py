@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 from collections import OrderedDict
+from graphlib import TopologicalSorter
+from pathlib import Path
 
 import pytest
 import timm
@@ -14,8 +17,8 @@ import torchvision
 from safetensors.torch import save_file
 
 from harness.backbones import (CAFFE, IMAGENET, Backbone, FeatureInfo, Normalization, ViTBackbone,
-                               backbone_parameter_names, build_backbone, load_backbone, resolve_normalization,
-                               save_backbone)
+                               backbone_parameter_names, build_backbone, resolve_normalization)
+from harness.checkpoints import load_backbone, save_backbone
 from harness.errors import HarnessError
 
 VIT = "vit_tiny_patch16_224"  # ViT-Ti/16: the ViT-S/B/L code path at a test-friendly size
@@ -357,3 +360,29 @@ def test_random_init_is_the_same_every_time_and_leaves_the_global_rng_alone():
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     torch.manual_seed(1)
     assert not torch.equal(a.state_dict()["conv1.weight"], build_backbone("resnet18").state_dict()["conv1.weight"])
+
+
+def _harness_imports() -> dict[str, set[str]]:
+    """Module -> the harness modules it imports anywhere in its code (lazy imports inside functions too)."""
+    root = Path(__file__).resolve().parents[1] / "harness"
+    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in root.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("harness"):
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                         for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("harness")}
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def test_imports_flow_one_way():
+    """backbones builds architectures and knows no checkpoint file; no harness module imports back up."""
+    graph = _harness_imports()
+    assert graph["harness.backbones"] <= {"harness.errors"}
+    assert "harness.backbones" in graph["harness.checkpoints.load"]
+    TopologicalSorter(graph).prepare()  # raises CycleError naming the modules of any import cycle

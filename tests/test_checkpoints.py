@@ -15,9 +15,11 @@ import pytest
 import torch
 import torchvision
 
-from harness.backbones import CAFFE, IMAGENET, load_backbone, save_backbone
-from harness.checkpoints import (d2_to_tv, export_backbone, format_inspection, inspect_checkpoint, read_checkpoint,
-                                 tv_to_d2)
+from harness.backbones import CAFFE, IMAGENET
+from harness.checkpoints import (d2_to_tv, export_backbone, format_inspection, inspect_checkpoint, load_backbone,
+                                 read_checkpoint, save_backbone, tv_to_d2)
+from harness.checkpoints.formats import LAYOUTS as RECORDS
+from harness.checkpoints.formats import Probe, detect
 from harness.errors import HarnessError
 from tests.support import run_cli
 
@@ -331,6 +333,57 @@ def test_mmdet_export_is_recognised_by_inspect(tmp_path, r50_file):
     assert report["layout"] == "mmdet" and report["arch"] == "resnet50" and report["ok"]
 
 
+# ----------------------------------------------------------------------------- the table of layouts
+def _probe(keys=("conv1.weight",), entry="", prefix="", container="torch-zip", family="resnet", top=None,
+           stripped=(), harness=None, harness_format=None) -> Probe:
+    return Probe(container, top or {}, entry, tuple(keys), tuple(stripped), "resnet50" if family == "resnet"
+                 else "vit_tiny_patch16_224", family, prefix, harness or {}, harness_format)
+
+
+VIT_KEYS = ("cls_token", "pos_embed", "blocks.0.norm1.weight")
+C2_KEYS = ("res2_0_branch2a_w", "conv1_w")
+D2_KEYS = ("stem.conv1.weight", "res2.0.conv1.weight")
+MM_VIT_KEYS = ("backbone.layers.0.ffn.layers.0.0.weight",)
+# (probe, layout): each probe also fits the next record (named in the comment), so the order decides
+DETECTION = [
+    (_probe(C2_KEYS, harness_format="1", container="safetensors"), "harness"),  # detectron2-caffe2
+    (_probe(C2_KEYS + D2_KEYS, entry="blobs", container="pickle"), "detectron2-caffe2"),  # detectron2-pkl
+    (_probe(D2_KEYS, entry="state_dict", container="pickle", top={"meta": {}}, prefix="backbone."),
+     "detectron2-pkl"),  # detectron2
+    (_probe(D2_KEYS, entry="state_dict", top={"meta": {}}, prefix="backbone."), "detectron2"),  # mmpretrain
+    (_probe(MM_VIT_KEYS, entry="state_dict", family="vit", prefix="backbone.body."), "mmpretrain"),  # tv-detection
+    (_probe(entry="state_dict", top={"meta": {}}, prefix="backbone."), "mmpretrain"),  # prefixed
+    (_probe(entry="teacher", prefix="backbone.body."), "torchvision-detection"),  # dino
+    (_probe(entry="teacher", prefix="encoder_q."), "dino"),  # moco-v1/v2
+    (_probe(prefix="encoder_q.base_encoder."), "moco-v1/v2"),  # moco-v3
+    (_probe(["base_encoder.x", "predictor.0.weight"], entry="state_dict", prefix="base_encoder.",
+            top={"pytorch-lightning_version": "2"}), "moco-v3"),  # lightning, byol/simclr
+    (_probe(entry="state_dict", prefix="model.", top={"pytorch-lightning_version": "2", "meta": {}},
+            harness={"arch": "resnet50"}), "lightning"),  # mmdet
+    (_probe(VIT_KEYS + ("mask_token",), entry="state_dict", family="vit", top={"meta": {}},
+            harness={"arch": "vit_tiny_patch16_224"}), "mmdet"),  # mae
+    (_probe(VIT_KEYS + ("mask_token", "dist_token"), entry="model", family="vit"), "mae"),  # deit, mae/deit
+    (_probe(("encoder.dist_token", "projector.0.weight"), entry="model", family="vit", prefix="encoder."),
+     "deit"),  # byol/simclr, mae/deit
+    (_probe(["encoder.x", "projector.0.weight"], entry="state_dict_ema", prefix="encoder."), "byol/simclr"),  # ema
+    (_probe(entry="state_dict_ema", family="vit"), "timm-ema"),  # state_dict_ema-wrapper (never mae/deit)
+    (_probe(VIT_KEYS, entry="model", family="vit"), "mae/deit"),  # model-wrapper
+    (_probe(entry="state_dict", container="safetensors", stripped=["module."]), "state_dict-wrapper+module."),
+    (_probe(container="safetensors"), "safetensors"),  # torchvision
+    (_probe(stripped=["module.", "_orig_mod."]), "torchvision+module.+_orig_mod."),  # timm
+    (_probe(VIT_KEYS, family="vit"), "timm"),  # prefixed
+    (_probe(prefix="net_b."), "prefixed"),
+    (_probe(prefix=None), "prefixed"),  # the architecture's own names are nowhere unambiguous
+]
+
+
+def test_detection_tries_every_layout_record_in_order():
+    for probe, name in DETECTION:
+        assert detect(probe).label(probe) == name, name
+    reached = {RECORDS.index(detect(probe)) for probe, _ in DETECTION}
+    assert reached == set(range(len(RECORDS))), "a layout record without a detection case"
+
+
 # ----------------------------------------------------------------------------- caffe2 / MSRA weights (BGR, stride in 1x1)
 def _caffe2_blobs(sd):
     """MSRA's R-50.pkl naming, BatchNorm folded into scale/shift (as caffe2's AffineChannel)."""
@@ -373,17 +426,42 @@ def test_msra_caffe2_pkl_is_bgr_with_stride_in_1x1(tmp_path, r50, r50_net):
     assert any(i["prefix"] == "*_momentum" and "optimizer" in i["reason"] for i in report["ignored_prefixes"])
     assert any("running_mean" in d["keys"] for d in report["defaulted"])
     # reference: torchvision ResNet-50, stride moved to the 1x1 convs, BN as a pure affine
-    net = r50_net
+    net = _stride_in_1x1(r50_net)
     with torch.no_grad():
-        for layer in (net.layer2, net.layer3, net.layer4):
-            layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.zero_()
                 m.running_var.fill_(1.0)
                 m.eps = 0.0
-    x_bgr = x.flip(1) * 255.0 - torch.tensor(CAFFE.mean).view(1, 3, 1, 1)
-    ref = _tv_layer4(net, x_bgr)
+    ref = _tv_layer4(net, _caffe(x))
+    assert (_c5(bb, x) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def _stride_in_1x1(net):
+    for layer in (net.layer2, net.layer3, net.layer4):
+        layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+    return net
+
+
+def _caffe(x):
+    return x.flip(1) * 255.0 - torch.tensor(CAFFE.mean).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("author", ["Detectron2 Model Zoo", "MOCO"])
+def test_detectron2_file_conventions_follow_its_author(tmp_path, r50, r50_net, author):
+    """detectron2's own files are caffe-style (BGR, stride in the 1x1 conv); MoCo's conversion keeps torchvision's."""
+    sd, x, ref = r50
+    path = tmp_path / "model_final.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _moco_detectron2(sd), "__author__": author}, f)
+    bb = load_backbone(path, arch="resnet50")
+    report = bb.load_report
+    assert report["layout"] == "detectron2-pkl" and report["naming"] == "detectron2" and report["ok"]
+    if author == "MOCO":
+        assert bb.normalization == IMAGENET and bb.options == {} and "MoCo" in report["normalization"]["source"]
+    else:
+        assert bb.normalization == CAFFE and bb.options == {"stride_in_1x1": True}
+        ref = _tv_layer4(_stride_in_1x1(r50_net), _caffe(x))
     assert (_c5(bb, x) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
@@ -448,6 +526,7 @@ def test_two_unknown_complete_encoders_refuse_to_guess(tmp_path):
         load_backbone(path, arch="resnet18")
     bb = load_backbone(path, arch="resnet18", prefix="net_b")
     assert bb.load_report["prefix"] == "net_b." and any(i["prefix"] == "net_a." for i in bb.load_report["ignored_prefixes"])
+    assert bb.load_report["layout"] == "prefixed"
 
 
 def test_arch_required_when_not_named(tmp_path):

@@ -14,7 +14,8 @@ from PIL import Image
 
 from torch.utils.data import DataLoader
 
-from harness.backbones import build_backbone, load_backbone
+from harness.backbones import build_backbone
+from harness.checkpoints import load_backbone
 from harness.datasets.labelled import LabelHierarchy, in_subset, subset_score
 from harness.datasets.pretraining import open_pretrain_data
 from harness.datasets.shards import ShardStream, index_shards, list_shards, resume_point, write_shards

@@ -1,0 +1,109 @@
+"""Write a backbone's weights: the harness's own format, and other frameworks' layouts (``harness export``)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from harness.backbones import Backbone, ResNetBackbone
+from harness.checkpoints.formats import HARNESS_FORMAT, tv_to_d2
+from harness.checkpoints.load import load_backbone
+from harness.errors import HarnessError
+
+EXPORT_TARGETS = ("detectron2", "torchvision", "mmdet")
+
+
+def save_backbone(backbone: Backbone, path) -> Path:
+    """Write ``backbone`` in the harness's own format: safetensors with metadata
+    ``{"harness_format": "1", "arch", "normalization" (JSON), "options" (JSON)}``; keys are the
+    trunk's checkpoint names (plus ``pyramid.*`` for ViTs, loaded back when present)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(backbone.trunk_prefix)
+    tensors = {}
+    for key, value in backbone.state_dict().items():
+        if key.startswith(backbone.trunk_prefix) and not backbone.is_new(key):
+            tensors[key[n:]] = value.detach().cpu().contiguous().clone()
+        elif backbone.is_new(key):
+            tensors[key] = value.detach().cpu().contiguous().clone()
+    metadata = {
+        "harness_format": HARNESS_FORMAT,
+        "arch": backbone.arch,
+        "normalization": json.dumps(backbone.normalization.to_dict()),
+        "options": json.dumps(backbone.options),
+    }
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def export_backbone(path, arch: str | None, to: str, out, **opts) -> Path:
+    """Write the backbone of checkpoint ``path`` in another framework's layout.
+
+    ``torchvision``: a plain state dict (torchvision/timm key names, ``torch.save``).
+    ``detectron2``: a ``.pkl`` as MoCo's convert-pretrain-to-detectron2.py writes (numpy arrays,
+    ``stem``/``res2..5``/``shortcut`` names, ``__author__``, ``matching_heuristics``) plus a
+    ``harness`` entry with arch, normalization and the detectron2 config values to set.
+    ``mmdet``: ``{"meta": {...}, "state_dict": ...}`` with mmdet ResNet names (torchvision's) and
+    the ``data_preprocessor``/backbone settings in ``meta``. detectron2 and mmdet: ResNets only.
+    """
+    if to not in EXPORT_TARGETS:
+        raise HarnessError(f"unknown export target {to!r}: use one of {', '.join(EXPORT_TARGETS)}")
+    bb = load_backbone(path, arch=arch, **opts)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    trunk = OrderedDict((k, v.detach().cpu().clone()) for k, v in bb.trunk_state_dict().items())
+    if to == "torchvision":
+        torch.save(trunk, out)
+        return out
+    if not isinstance(bb, ResNetBackbone):
+        raise HarnessError(f"export to {to} supports ResNets; {bb.arch} can be exported with --to torchvision")
+    meta = {"arch": bb.arch, "normalization": bb.normalization.to_dict(), "options": dict(bb.options),
+            "source": dict(bb.checkpoint), "harness_export": to}
+    weights = OrderedDict((k, v) for k, v in trunk.items() if not k.endswith("num_batches_tracked"))
+    (_to_detectron2 if to == "detectron2" else _to_mmdet)(bb, weights, meta, out)
+    return out
+
+
+def _resnet_shape(bb: ResNetBackbone) -> tuple[int, int, int, bool]:
+    """(depth, groups, width per group, stride in the 1x1 conv) of a torchvision ResNet."""
+    groups = bb.layer1[0].conv2.groups
+    width = bb.layer1[0].conv1.out_channels // groups
+    depth = int(re.search(r"(\d+)", bb.arch.replace("resnext", "").replace("wide_resnet", "")).group(1))
+    return depth, groups, width, bool(bb.options.get("stride_in_1x1", False))
+
+
+def _to_detectron2(bb: ResNetBackbone, weights: dict, meta: dict, out: Path) -> None:
+    depth, groups, width, stride_in_1x1 = _resnet_shape(bb)
+    norm = bb.normalization
+    meta["detectron2_config"] = {
+        "MODEL.RESNETS.DEPTH": depth, "MODEL.RESNETS.STRIDE_IN_1X1": stride_in_1x1,
+        "MODEL.RESNETS.NUM_GROUPS": groups, "MODEL.RESNETS.WIDTH_PER_GROUP": width,
+        "MODEL.RESNETS.RES2_OUT_CHANNELS": bb.feature_info[0].channels,
+        "MODEL.PIXEL_MEAN": list(norm.mean), "MODEL.PIXEL_STD": list(norm.std), "INPUT.FORMAT": norm.channel_order,
+    }
+    model = OrderedDict((tv_to_d2(k), v.numpy()) for k, v in weights.items())
+    payload = {"model": model, "__author__": "harness", "matching_heuristics": True, "harness": meta}
+    with open(out, "wb") as f:
+        pickle.dump(payload, f, protocol=4)
+
+
+def _to_mmdet(bb: ResNetBackbone, weights: dict, meta: dict, out: Path) -> None:
+    depth, groups, width, stride_in_1x1 = _resnet_shape(bb)
+    norm = bb.normalization
+    backbone_cfg = {"type": "ResNeXt" if groups > 1 else "ResNet", "depth": depth,
+                    "style": "caffe" if stride_in_1x1 else "pytorch"}
+    if groups > 1:
+        backbone_cfg.update(groups=groups, base_width=width)
+    meta["mmdet"] = {
+        "backbone": backbone_cfg,
+        "data_preprocessor": {"mean": list(norm.mean), "std": list(norm.std), "bgr_to_rgb": norm.channel_order == "RGB"},
+        "note": "backbone init_cfg=dict(type='Pretrained', checkpoint=<this file>); mmcv images are BGR",
+    }
+    torch.save({"meta": {"harness": meta}, "state_dict": weights}, out)
