@@ -18,7 +18,7 @@ every ``checkpoint_period`` iterations that a rerun resumes from, tqdm, ``metric
 ``work_dir`` (default ``<out stem>.run/`` beside the output); the model is the backbone, global
 average pooling of ``c5`` and a linear classifier. Shards reach the engine as this rank's batches
 (``ShardStream.batches``), which a resumed run continues in the same order. Rank 0 writes ``out``
-with :func:`harness.backbones.save_backbone` (``harness eval --backbone out`` takes it directly)
+with :func:`harness.checkpoints.save_backbone` (``harness eval --backbone out`` takes it directly)
 and ``<out stem>.json`` (data, subset, classes, schedule, sha256). Rerunning a finished command
 with the same settings returns the recorded result at once.
 """
