@@ -363,14 +363,19 @@ def test_random_init_is_the_same_every_time_and_leaves_the_global_rng_alone():
 
 
 def _harness_imports() -> dict[str, set[str]]:
-    """Module -> the harness modules it imports anywhere in its code (lazy imports inside functions too)."""
+    """Module -> the harness modules it imports anywhere in its code (lazy imports inside functions too;
+    not those under ``if TYPE_CHECKING:``, which never run)."""
     root = Path(__file__).resolve().parents[1] / "harness"
     modules = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
                for p in root.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for block in ast.walk(tree):  # imports only a type checker runs are not imports at run time
+            if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+                block.body = []
+        for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("harness"):
                 deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
                          for a in node.names}
