@@ -217,7 +217,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from harness.checkpoints import save_backbone, sha256_file
     from harness.distributed import barrier, broadcast_object, init_distributed
     from harness.engine import train
-    from harness.results import pretrain_record_path, write_json_atomic
+    from harness.files import write_json_atomic
+    from harness.results import pretrain_record_path
 
     env = init_distributed(cfg.device)
     out = Path(cfg.out)

@@ -29,9 +29,9 @@ from typing import Callable
 from harness.cards import PROTOCOLS
 from harness.datasets.labelled import check_fraction
 from harness.errors import HarnessError
-from harness.files import atomic_write
 from harness.pretrain import PretrainConfig
-from harness.results import PretrainRecord, RunSummary, read_pretrain_record, write_json_atomic
+from harness.files import atomic_write, write_json_atomic
+from harness.results import PretrainRecord, RunSummary, read_pretrain_record
 
 Evaluator = Callable[[str, Path], list[RunSummary]]  # (checkpoint, eval run folder) -> results.json's runs
 
