@@ -9,6 +9,12 @@ import pytest
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
+def pytest_collection_modifyitems(items):
+    """The end-to-end tests first: with one process per core (pytest-xdist), a long test started last
+    would keep one core busy after the other has run out of tests."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tests run tiny models: one intra-op thread is as fast, and on a shared CPU two threads spin-wait

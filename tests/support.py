@@ -143,8 +143,10 @@ class Shapes(Dataset):
 
 def tiny_detector(backbone: nn.Module | None = None, head: str = "fpn", num_classes: int = 2, **kw) -> nn.Module:
     backbone = backbone if backbone is not None else tiny_backbone()
-    opts = dict(min_size=64, max_size=96, anchor_sizes=SMALL_ANCHORS, roi_batch_per_image=64,
-                rpn_batch_size_per_image=64)
+    # 64x96 images need neither 512 sampled RoIs nor 1000 test proposals; C4's box head is res5, run per RoI
+    rois = 16 if head == "c4" else 64
+    opts = dict(min_size=64, max_size=96, anchor_sizes=SMALL_ANCHORS, roi_batch_per_image=rois,
+                rpn_batch_size_per_image=64, proposals_test=rois)
     if head == "fpn":
         opts.update(neck_channels=32, representation_size=64)
     opts.update(kw)

@@ -18,7 +18,7 @@ import torch
 from harness.cli import main
 from harness.launch import acquire_lock, cpu_threads, parse_duration
 from tests import fake_slurm
-from tests.support import Toy, ToyData, tiny_cards, toy_config
+from tests.support import Toy, ToyData, run_cli, tiny_cards, toy_config
 
 
 def harness_env(cards: Path, threads: int = 2, **extra) -> dict:
@@ -31,6 +31,24 @@ def harness_env(cards: Path, threads: int = 2, **extra) -> dict:
 def harness(*args, env):
     return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=1200)
+
+
+def harness_here(capsys, monkeypatch, *args, env: dict, threads: int = 1) -> subprocess.CompletedProcess:
+    """``harness ARGS`` in this process, under ``env`` (as ``harness_env`` gives it to a subprocess) and
+    ``threads`` torch threads: for the runs a test compares with, and for the commands whose own
+    process is not what is tested (jobs that they start still run in their own processes)."""
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)
+    for var in set(os.environ) - set(env):
+        monkeypatch.delenv(var)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        code, out, err = run_cli(capsys, *args)
+    finally:
+        torch.set_num_threads(before)
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def eval_args(root, out, tasks="voc", protocols="frozen", seeds=1):
@@ -118,10 +136,11 @@ def test_train_stops_on_request_with_a_checkpoint_and_resumes_to_the_same_weight
 
 # ----------------------------------------------------------------------------- local launcher
 @pytest.mark.slow
-def test_local_launcher_two_in_parallel_equals_the_serial_run(synthetic_root, tmp_path):
+def test_local_launcher_two_in_parallel_equals_the_serial_run(synthetic_root, tmp_path, capsys, monkeypatch):
     cards = tiny_cards(tmp_path / "tasks")
     threads = cpu_threads(2)  # each of 2 parallel cells gets this share of the cores; the serial run the same
-    serial = harness(*eval_args(synthetic_root, tmp_path / "serial", "voc,seg", seeds=2), env=harness_env(cards, threads))
+    serial = harness_here(capsys, monkeypatch, *eval_args(synthetic_root, tmp_path / "serial", "voc,seg", seeds=2),
+                          env=harness_env(cards, threads), threads=threads)
     assert serial.returncode == 0, serial.stderr[-3000:]
     local = harness(*eval_args(synthetic_root, tmp_path / "local", "voc,seg", seeds=2), "--launcher", "local",
                     "--max-parallel", "2", env=harness_env(cards))
@@ -136,13 +155,13 @@ def test_local_launcher_two_in_parallel_equals_the_serial_run(synthetic_root, tm
             assert losses(a) == losses(b)
             assert json.loads((a / "result.json").read_text())["metrics"] == json.loads((b / "result.json").read_text())["metrics"]
             assert not (a / "lock.json").exists()
-    again = harness(*eval_args(synthetic_root, tmp_path / "local", "voc,seg", seeds=2), "--launcher", "local",
-                    "--max-parallel", "2", env=harness_env(cards))
+    again = harness_here(capsys, monkeypatch, *eval_args(synthetic_root, tmp_path / "local", "voc,seg", seeds=2),
+                         "--launcher", "local", "--max-parallel", "2", env=harness_env(cards))
     assert again.returncode == 0 and "started as local job" not in again.stdout and "4 done" in again.stdout
 
 
 @pytest.mark.slow
-def test_signals_mid_training_requeue_and_resume_to_the_same_weights(synthetic_root, tmp_path):
+def test_signals_mid_training_requeue_and_resume_to_the_same_weights(synthetic_root, tmp_path, capsys, monkeypatch):
     """SIGUSR1, then SIGTERM after the requeue: each stops training at a step boundary with a checkpoint,
     submitit's checkpoint hook requeues the job, and the final weights and metrics equal an uninterrupted run's."""
     cards = tiny_cards(tmp_path / "tasks", iterations=6, checkpoint_period=100)
@@ -169,7 +188,8 @@ def test_signals_mid_training_requeue_and_resume_to_the_same_weights(synthetic_r
     stops = [int(line.split("stopped at iteration ")[1].split(",")[0]) for line in log.splitlines()
              if "stopped at iteration" in line]
     assert len(stops) == 2 and 0 < stops[0] <= stops[1] < 6
-    serial = harness(*eval_args(synthetic_root, ref, "voc", "frozen"), env=harness_env(cards, cpu_threads(1)))
+    serial = harness_here(capsys, monkeypatch, *eval_args(synthetic_root, ref, "voc", "frozen"),
+                          env=harness_env(cards, cpu_threads(1)), threads=cpu_threads(1))  # the job's threads
     assert serial.returncode == 0, serial.stderr[-3000:]
     run, uninterrupted = out / "voc/frozen/seed0", ref / "voc/frozen/seed0"
     mine, theirs = (torch.load(p / "checkpoint.pt", weights_only=True)["model"] for p in (run, uninterrupted))
@@ -208,8 +228,12 @@ def test_slurm_script_array_resources_signal_and_requeue(tmp_path, monkeypatch, 
 
 
 @pytest.mark.slow
-def test_slurm_array_runs_status_resubmits_the_failed_cell_and_collects(synthetic_root, tmp_path):
+def test_slurm_array_runs_status_resubmits_the_failed_cell_and_collects(synthetic_root, tmp_path, capsys, monkeypatch):
     env = harness_env(tiny_cards(tmp_path / "tasks"), **fake_slurm.install(tmp_path / "bin", tmp_path / "slurm"))
+
+    def harness(*args, env):  # in this process: the jobs of the array are the subprocesses here
+        return harness_here(capsys, monkeypatch, *args, env=env)
+
     out = tmp_path / "run"
     cmd = [*eval_args(synthetic_root, out, "voc", seeds=2), "--launcher", "slurm", "--partition", "cpu",
            "--gpus-per-node", "0", "--time", "90m"]

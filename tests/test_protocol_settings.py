@@ -236,43 +236,57 @@ SCHEDULE = {"iterations", "batch_size", "lr", "schedule", "steps", "poly_power",
             "warmup_factor", "checkpoint_period"}
 
 
-@pytest.mark.slow
+def _without_schedule(task: str, profile: str) -> dict:
+    return {k: v for k, v in task_card(task).profile(profile).model_dump().items() if k not in SCHEDULE}
+
+
+# the models a dry run of every card builds: each full profile, and each short one that differs from it
+# in more than its schedule (a short profile that equals the full one but for its schedule builds the
+# same model, so training it again would test nothing new)
+DRY_RUN_MODELS = [(t, "full") for t in sorted(all_cards())] + [
+    (t, "short") for t in sorted(all_cards()) if _without_schedule(t, "short") != _without_schedule(t, "full")]
+
+
+def _dry_run(tasks, profile, root, out, capsys) -> str:
+    code = harness_main(["eval", "--backbone", "random:resnet18", "--tasks", ",".join(tasks), "--protocols",
+                         "finetune", "--profile", profile, "--data-root", str(root), "--out", str(out), "--device",
+                         "cpu", "--no-progress", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "nothing written" in printed and not (out / "results.json").exists()
+    assert not any(out.glob("*/finetune/seed0/result.json"))
+    return printed
+
+
 @pytest.mark.parametrize("profile", ["full", "short"])
-def test_dry_run_every_card(profile, synthetic_root, tmp_path, capsys, monkeypatch):
-    """Every card's plan row; and every card's model built at the profile's sizes, trained 2 steps and
-    predicting 2 images. A short profile that equals the full one but for its schedule trains the same
-    model as the full dry run did: its plan is checked, its training is not run twice."""
+def test_dry_run_plans_every_card(profile, synthetic_root, tmp_path, capsys, monkeypatch):
+    """Every card's plan row (batch, iterations, precision) and one dry-run cell per card; the cells
+    themselves are trained in `test_dry_run_trains_and_predicts_at_the_profile_sizes`."""
     from harness import runner
 
     tasks = sorted(all_cards())
-    same_model = {t for t in tasks if profile == "short" and _without_schedule(t, "short") == _without_schedule(t, "full")}
-    real, trained = runner.dry_run_cell, []
-
-    def dry_run_cell(plan, env, card, *args):
-        if card.name in same_model:
-            return 0.0
-        trained.append(card.name)
-        return real(plan, env, card, *args)
-
-    monkeypatch.setattr(runner, "dry_run_cell", dry_run_cell)
-    code = harness_main(["eval", "--backbone", "random:resnet18", "--tasks", ",".join(tasks), "--protocols", "finetune",
-                         "--profile", profile, "--data-root", str(synthetic_root), "--out", str(tmp_path / "out"),
-                         "--device", "cpu", "--no-progress", "--dry-run"])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert sorted(trained) == sorted(set(tasks) - same_model)
+    cells = []
+    monkeypatch.setattr(runner, "dry_run_cell", lambda plan, env, card, *args: cells.append((card.name, plan.profile)) or 0.0)
+    out = _dry_run(tasks, profile, synthetic_root, tmp_path / "out", capsys)
+    assert sorted(cells) == [(t, profile) for t in tasks]
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in tasks}
     assert set(lines) == set(tasks)
     for task in tasks:
         p = task_card(task).profile(profile)
-        cells = lines[task]
-        assert int(cells[3]) == p.batch_size and int(cells[5]) == p.iterations and cells[9] == p.precision
-    assert "nothing written" in out and not (tmp_path / "out" / "results.json").exists()
-    assert not any((tmp_path / "out").glob("*/finetune/seed0/result.json"))
+        row = lines[task]
+        assert int(row[3]) == p.batch_size and int(row[5]) == p.iterations and row[9] == p.precision
 
 
-def _without_schedule(task: str, profile: str) -> dict:
-    return {k: v for k, v in task_card(task).profile(profile).model_dump().items() if k not in SCHEDULE}
+@pytest.mark.slow
+@pytest.mark.parametrize("task, profile", DRY_RUN_MODELS, ids=[f"{t}-{p}" for t, p in DRY_RUN_MODELS])
+def test_dry_run_trains_and_predicts_at_the_profile_sizes(task, profile, synthetic_root, tmp_path, capsys):
+    """The card's model built at the profile's image sizes and heads, trained 2 steps and predicting
+    2 images, with nothing written."""
+    from harness import runner
+
+    out = _dry_run([task], profile, synthetic_root, tmp_path / "out", capsys)
+    assert (f"dry run: {task}/finetune/seed0 " in out
+            and f"({runner.DRY_RUN_ITERATIONS} steps, {runner.DRY_RUN_IMAGES} predictions each)" in out)
 
 
 def test_dry_run_plan_rescales_with_the_batch(synthetic_root, tmp_path, capsys, monkeypatch):
