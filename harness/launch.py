@@ -27,9 +27,10 @@ from pathlib import Path
 
 import submitit
 
+from harness.datasets.synthetic import write_synthetic_once
 from harness.errors import HarnessError
 from harness.files import write_json_atomic
-from harness.runner import EvalPlan, check_plan, collect, run_dir, run_eval
+from harness.runner import EvalPlan, check_plan, collect, run_dir, run_eval, synthetic_data_dir
 
 LAUNCHERS = ("inprocess", "local", "slurm")
 LAUNCH_FILE = "launch.json"
@@ -435,6 +436,8 @@ def launch(plan: EvalPlan, opts: LaunchOptions) -> list[dict]:
     cards = check_plan(plan)
     plan = dataclasses.replace(plan, out=Path(plan.out).resolve(),
                                data_root=Path(plan.data_root).resolve() if plan.data_root else None)
+    if plan.synthetic:  # written here, once: parallel cells would each start writing it
+        write_synthetic_once(synthetic_data_dir(plan.out))
     if opts.launcher == "local":
         return _launch_local(plan, opts, cards)
     return _launch_slurm(plan, opts, cards)

@@ -260,9 +260,14 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
     return result if env.is_main else read_result(path / "result.json")
 
 
+def synthetic_data_dir(out: Path) -> Path:
+    """Where ``--synthetic`` writes its data: inside the run folder."""
+    return Path(out) / "synthetic-data"
+
+
 def resolve_data_root(plan: EvalPlan, env: DistEnv) -> Path:
     if plan.synthetic:
-        root = Path(plan.out) / "synthetic-data"
+        root = synthetic_data_dir(plan.out)
         if env.is_main:
             write_synthetic_once(root)
         barrier()

@@ -242,11 +242,12 @@ def _shared_synthetic(plan: ScalingPlan, eval_dir: Path) -> None:
 
     if get_rank() != 0:
         return
-    shared = Path(plan.out) / "synthetic-data"
     from harness.datasets.synthetic import write_synthetic_once
+    from harness.runner import synthetic_data_dir
 
+    shared = synthetic_data_dir(plan.out)
     write_synthetic_once(shared)
-    link = eval_dir / "synthetic-data"
+    link = synthetic_data_dir(eval_dir)
     eval_dir.mkdir(parents=True, exist_ok=True)
     if not link.exists():
         try:

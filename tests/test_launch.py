@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import launch
 from harness.cli import main
 from harness.launch import acquire_lock, cpu_threads, parse_duration
 from tests import fake_slurm
@@ -203,6 +204,9 @@ def test_slurm_script_array_resources_signal_and_requeue(tmp_path, monkeypatch, 
     for key, value in fake_slurm.install(tmp_path / "bin", tmp_path / "slurm").items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("FAKE_SLURM_RUN", "0")  # record the script, run nothing
+    written = []  # --synthetic data is written before the submission, not by parallel jobs
+    monkeypatch.setattr(launch, "write_synthetic_once",
+                        lambda root: written.append((root, list((tmp_path / "slurm").glob("submitted_*")))))
     out = tmp_path / "run"
     cmd = ["eval", "--backbone", "random:resnet18", "--tasks", "voc,seg", "--protocols", "frozen", "--profile", "smoke",
            "--synthetic", "--seeds", "2", "--out", str(out), "--launcher", "slurm", "--partition", "gpu",
@@ -211,6 +215,7 @@ def test_slurm_script_array_resources_signal_and_requeue(tmp_path, monkeypatch, 
     assert main(cmd) == 0
     printed = capsys.readouterr().out
     assert "submitted 4 cell(s) as SLURM job 1000: 1000_0, 1000_1, 1000_2, 1000_3" in printed
+    assert written == [(out / "synthetic-data", [])]
     script = (tmp_path / "slurm" / "submitted_1000.sh").read_text().splitlines()
     for line in ("--array=0-3%3", "--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=8",
                  "--mem=64G", "--time=1440", "--signal=USR2@300", "--requeue", "--partition=gpu", "--account=acc",
