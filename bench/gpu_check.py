@@ -17,8 +17,8 @@ Data: `harness data synth` images with 480..640 px sides. Writes a table and a J
 per card x setting. Aimed at finishing within 8 minutes on one H100 (about 30 settings of a few
 steps each; not yet run on one).
 
---tiny runs on the CPU with one torch thread: tiny images (64..96 px, short side 64), ResNet-18, 32 sampled
-RoIs per image and 50 test proposals, 1 warm-up and 1 timed step, 2 prediction images, fp32 and bf16 autocast
+--tiny runs on the CPU with one torch thread: tiny images (64..96 px, short side 64), ResNet-18, 8 sampled
+RoIs per image and 16 test proposals, 1 warm-up and 1 timed step, 2 prediction images, fp32 and bf16 autocast
 (the bare loop inside an outer CPU torch.autocast, the engine with its own precision setting), channels_last
 on and off.
 """
@@ -58,11 +58,11 @@ def tiny_settings(kind: str, model_kw: dict, aug_kw: dict) -> tuple[dict, dict]:
     if kind == "segmentation":
         return ({**model_kw, "neck_channels": 32, "aux_channels": 32, "test_min_size": 64, "max_size": 96},
                 {**aug_kw, "crop_size": 64, "scale": (96, 64)})
-    # few RoIs: at the full 512 per image (and 1000 test proposals) the C4 card's res5 box head made
-    # its 4 tiny rows 100 of the 130 s of the whole --tiny run
+    # few RoIs: the C4 card's box head is res5, run once per RoI; at the full 512 per image (and 1000 test
+    # proposals) its 4 tiny rows took 100 of the 130 s of the whole --tiny run, at 32 and 50 still 36 of 49 s
     tiny = {**model_kw, "min_size": [64], "max_size": 96, "test_min_size": 64, "neck_channels": 32,
-            "anchor_sizes": [16, 32, 64, 128, 256], "representation_size": 64, "roi_batch_per_image": 32,
-            "proposals_test": 50}
+            "anchor_sizes": [16, 32, 64, 128, 256], "representation_size": 64, "roi_batch_per_image": 8,
+            "proposals_test": 16}
     if kind == "keypoints":
         tiny["keypoint_head_channels"] = 32
     return tiny, aug_kw
