@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.engine import TrainConfig, lr_factor, predict, sample_seed, train
+from harness.engine import TrainConfig, lr_factor, pack_batch, predict, sample_seed, train, unpack_batch
 from harness.errors import HarnessError
 from harness.models.detection import detection_train_augment
 from harness.protocols import apply_protocol
@@ -224,6 +225,40 @@ def test_predict_on_a_detector_and_a_segmenter():
     masks = predict(seg, Shapes(2, kind="segmentation"), postprocess=lambda out, _: segmentation_postprocess(out),
                     progress=False)
     assert masks[0].dtype == torch.uint8 and masks[0].shape == (64, 80)
+
+
+def test_predict_with_loader_workers_equals_in_process():
+    torch.manual_seed(0)
+    model = tiny_detector()
+    here = predict(model, Shapes(3), progress=False)
+    workers = predict(model, Shapes(3), progress=False, num_workers=2)
+    assert [set(p) for p in workers] == [set(p) for p in here]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(here, workers) for k in a)
+
+
+def test_a_packed_batch_unpacks_to_equal_tensors_as_views():
+    g = torch.Generator().manual_seed(0)
+    batch = ([torch.rand(3, 5, 7, generator=g), torch.rand(4, 6, generator=g).t(), torch.tensor(2.5)],
+             [{"boxes": torch.rand(2, 4, generator=g), "labels": torch.tensor([1, 3]), "iscrowd": torch.zeros(0),
+               "keep": torch.tensor([True, False]), "image_id": 17, "name": "a.jpg"},
+              {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": 18}],
+             (4, "x"))
+    packed = pack_batch(batch)
+    assert sorted(map(str, packed.buffers)) == ["torch.bool", "torch.float32", "torch.int64"]  # one buffer per dtype
+    again = unpack_batch(pickle.loads(pickle.dumps(packed)))  # what crosses from a worker
+
+    def same(a, b):
+        if torch.is_tensor(a):
+            return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        if isinstance(a, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return a == b
+
+    assert same(batch, again)
+    first = unpack_batch(packed)[0][0]
+    assert first.untyped_storage().data_ptr() == packed.buffers[torch.float32].untyped_storage().data_ptr()
 
 
 # ----------------------------------------------------------------------------- SIGKILL resume
