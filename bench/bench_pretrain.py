@@ -10,8 +10,11 @@ sha256 and the JSON record) with `--workers 0` (the default), i.e. decoding in t
 with `--workers N` loader processes. The bare side
 is torchvision's resnet18 with a 20-way linear layer and the same loss, optimizer and learning rate
 on the same batches: the engine's shuffle and augmentation for the round's seed, decoded, cropped and
-normalized before its clock starts. After an untimed warm-up of each, `--rounds` rounds in
-alternating order in one process. Prints images/s of both and harness / bare.
+normalized before its clock starts. A third side, `engine`, is `harness.engine.train` with the
+pretraining model and schedule on those batches handed over ready (no decoding, no loader, the
+final checkpoint included): engine / bare is the harness without its data path. After an untimed
+warm-up of each, `--rounds` rounds in alternating order in one process. Prints images/s of each and
+the ratios.
 
 Then it writes the same images as WebDataset tar shards and prints images/s read from the local
 shards by one loader process (`ShardStream` iterated in this process with one torch thread: tar read
@@ -33,22 +36,27 @@ import torchvision
 from torch.utils.data import DistributedSampler
 
 from harness.datasets.synthetic import write_pretrain_synthetic
-from harness.engine import sample_seed, seed_everything
+from harness.backbones import build_backbone
+from harness.engine import sample_seed, seed_everything, train
 from harness.datasets.pretraining import open_pretrain_data
 from harness.datasets.shards import write_shards
-from harness.pretrain import PretrainAugment, PretrainConfig, pretrain
+from harness.pretrain import PretrainAugment, PretrainConfig, PretrainModel, pretrain, train_schedule
 
 
-def bare_batches(dataset, steps: int, batch: int, seed: int, augment) -> list:
-    """The engine's batches for ``seed`` (epoch-0 shuffle, per-sample crops and flips), normalized."""
+def engine_samples(dataset, steps: int, batch: int, seed: int, augment) -> list:
+    """The engine's batches for ``seed`` (epoch-0 shuffle, per-sample crops and flips): lists of (image, target)."""
     sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
     sampler.set_epoch(0)
     order = list(sampler)[: steps * batch]
+    samples = [augment(*dataset[i], torch.Generator().manual_seed(sample_seed(seed, 0, i))) for i in order]
+    return [samples[s * batch:(s + 1) * batch] for s in range(steps)]
+
+
+def bare_batches(samples: list) -> list:
+    """``engine_samples`` stacked and normalized, as a bare loop takes them."""
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    samples = [augment(*dataset[i], torch.Generator().manual_seed(sample_seed(seed, 0, i))) for i in order]
-    return [(torch.stack([(im - mean) / std for im, _ in samples[s * batch:(s + 1) * batch]]),
-             torch.stack([t["labels"] for _, t in samples[s * batch:(s + 1) * batch]])) for s in range(steps)]
+    return [(torch.stack([(im - mean) / std for im, _ in b]), torch.stack([t["labels"] for _, t in b])) for b in samples]
 
 
 def bare_steps(batches: list, classes: int, lr: float, seed: int) -> float:
@@ -82,6 +90,21 @@ def harness_run(manifest: Path, out: Path, steps: int, batch: int, lr: float, im
     assert lines[-1]["iter"] == steps, "metrics.jsonl should end at the last iteration"
     # each line holds the mean iteration time of the iterations since the previous line
     return total, sum(line["time"] * (line["iter"] - prev) for line, prev in zip(lines, [0] + [x["iter"] for x in lines]))
+
+
+def engine_steps(samples: list, dataset, manifest: Path, out: Path, classes: int, lr: float, seed: int) -> float:
+    """Seconds of ``harness.engine.train`` (the pretraining model, schedule, logging and final checkpoint) on
+    ``samples`` handed over as ready batches: the harness without its data path."""
+    steps, batch = len(samples), len(samples[0])
+    cfg = PretrainConfig(data=str(manifest), arch="resnet18", out=str(out / "unused.safetensors"), iterations=steps,
+                         batch_size=batch, lr=lr, seed=seed, checkpoint_period=10**9, device="cpu")
+    tcfg = train_schedule(cfg, len(dataset), 1, 0, torch.device("cpu"))
+    torch.manual_seed(seed)
+    model = PretrainModel(build_backbone("resnet18"), classes, "sigmoid")
+    ready = [([im for im, _ in b], [t for _, t in b]) for b in samples]
+    began = time.perf_counter()
+    train(model, dataset, tcfg, out / f"engine{seed}", progress=True, batches=lambda start: iter(ready[start:]))
+    return time.perf_counter() - began
 
 
 def shard_rate(pattern: str, augment: PretrainAugment | None, images: int) -> float:
@@ -122,14 +145,17 @@ def main() -> None:
 
         def timed(name: str, r: int) -> float:
             nonlocal loop
-            if name == "bare":
-                return bare_steps(bare_batches(data.dataset, args.steps, args.batch, r, augment), classes, lr, r)
+            if name in ("bare", "engine"):
+                samples = engine_samples(data.dataset, args.steps, args.batch, r, augment)
+                if name == "engine":
+                    return engine_steps(samples, data.dataset, manifest, tmp / "engine", classes, lr, r)
+                return bare_steps(bare_batches(samples), classes, lr, r)
             total, in_loop = harness_run(manifest, tmp / "runs", args.steps, args.batch, lr, args.image_size, r,
                                          args.workers)
             loop += in_loop
             return total
 
-        sides = ["bare", "harness"]
+        sides = ["bare", "harness", "engine"]
         for name in sides:  # warm-up, untimed
             timed(name, 100)
         loop = 0.0
@@ -142,6 +168,8 @@ def main() -> None:
               f"{args.rounds} rounds x {args.steps} steps, harness with {args.workers} loader workers")
         for name, seconds in totals.items():
             print(f"{name:<8} {images / seconds:7.2f} images/s")
+        print(f"engine alone on ready batches / bare: {totals['bare'] / totals['engine']:.3f}   (the harness without "
+              "its data path: model, schedule, logging and final checkpoint)")
         print(f"harness / bare throughput: {totals['bare'] / totals['harness']:.3f}   "
               f"(training loop alone, from metrics.jsonl: {totals['bare'] / loop:.3f}; setup, final checkpoint "
               f"and export: {(totals['harness'] - loop) / args.rounds:.1f} s per run)", flush=True)

@@ -182,7 +182,8 @@ def read_sidecar(out) -> dict | None:
     return None if record is None else record.model_dump()
 
 
-def _schedule(cfg: PretrainConfig, images: int, world_size: int, num_workers: int, device: torch.device):
+def train_schedule(cfg: PretrainConfig, images: int, world_size: int, num_workers: int, device: torch.device):
+    """The engine's ``TrainConfig`` for ``cfg`` on ``images`` images; a bad schedule is a one-line error."""
     from harness.engine import TrainConfig, default_precision
 
     if (cfg.epochs is None) == (cfg.iterations is None):
@@ -228,7 +229,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                               data_format=cfg.data_format, hierarchy=hierarchy, classes=classes, rank=env.rank,
                               world_size=env.world_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
     loss = resolve_loss(cfg.loss, data.kind, hierarchy)
-    tcfg = _schedule(cfg, data.images, env.world_size, cfg.workers, env.device)
+    tcfg = train_schedule(cfg, data.images, env.world_size, cfg.workers, env.device)
     settings = {
         "arch": cfg.arch, "data": {**data.describe(), "fraction": cfg.fraction, "subset_seed": cfg.subset_seed,
                                    "hierarchy": cfg.hierarchy},
