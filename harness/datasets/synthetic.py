@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import shutil
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -756,7 +759,41 @@ def _write_json(obj: object, path: Path) -> None:
     path.write_text(json.dumps(obj, sort_keys=True, separators=(",", ":")))
 
 
-def _write_coco(root: Path, seed: int, sizes: dict) -> dict:
+def _coco_image(job: tuple) -> tuple[dict, list[tuple[dict, dict | None]]]:
+    """Render, save and annotate one COCO image: its image record and, per object, its annotation
+    (without the id) and its keypoint fields (people only). Its own rng: any process gives the same file."""
+    seed, split, idx, image_id, sizes, img_dir = job
+    rng = _rng(seed, "coco", split, idx)
+    w, h = _size(rng, sizes)
+    n_obj = 0 if idx % 12 == 5 else int(rng.integers(1, 7))
+    scene = render_scene(rng, w, h, COCO_CLASSES, n_obj, crowd=idx % 10 == 2, weights=COCO_WEIGHTS)
+    name = f"{image_id:012d}.jpg"
+    _save_jpeg(scene.image, img_dir / name)
+    image = {"id": image_id, "file_name": name, "width": w, "height": h, "license": 1,
+             "coco_url": "", "flickr_url": "", "date_captured": "2017-01-01 00:00:00"}
+    objects = []
+    for a in annotate(scene):
+        x0, y0, x1, y1 = a.box
+        rec = {"image_id": image_id, "category_id": CATEGORY[a.cls].coco_id,
+               "bbox": [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)],
+               "area": float(a.area), "iscrowd": int(a.crowd),
+               "segmentation": mask_rle(a.mask) if a.crowd else mask_polygons(a.mask)}
+        keypoints = {"keypoints": a.keypoints, "num_keypoints": a.num_keypoints} if a.cls == "person" else None
+        objects.append((rec, keypoints))
+    return image, objects
+
+
+def _run_jobs(fn: Callable, jobs: list, workers: int) -> list:
+    """``[fn(job) for job in jobs]``, spread over ``workers`` processes when that many are asked for and
+    there are enough jobs (results in order; every job draws from its own rng, so the files are the same)."""
+    if workers <= 1 or len(jobs) < 4 * workers:
+        return [fn(job) for job in jobs]
+    start = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start)) as pool:
+        return list(pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+
+
+def _write_coco(root: Path, seed: int, sizes: dict, workers: int = 1) -> dict:
     """COCO 2017 layout: instances_* and person_keypoints_* JSON, images %012d.jpg."""
     ann_dir = root / "annotations"
     ann_dir.mkdir(parents=True, exist_ok=True)
@@ -777,24 +814,14 @@ def _write_coco(root: Path, seed: int, sizes: dict) -> dict:
         ids = sorted(all_ids[offset: offset + n].tolist())
         offset += n
         images, anns, kp_anns = [], [], []
-        for idx, image_id in enumerate(ids):
-            rng = _rng(seed, "coco", split, idx)
-            w, h = _size(rng, sizes)
-            n_obj = 0 if idx % 12 == 5 else int(rng.integers(1, 7))
-            scene = render_scene(rng, w, h, COCO_CLASSES, n_obj, crowd=idx % 10 == 2, weights=COCO_WEIGHTS)
-            name = f"{image_id:012d}.jpg"
-            _save_jpeg(scene.image, img_dir / name)
-            images.append({"id": image_id, "file_name": name, "width": w, "height": h, "license": 1,
-                           "coco_url": "", "flickr_url": "", "date_captured": "2017-01-01 00:00:00"})
-            for a in annotate(scene):
-                x0, y0, x1, y1 = a.box
-                rec = {"id": ann_id, "image_id": image_id, "category_id": CATEGORY[a.cls].coco_id,
-                       "bbox": [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)],
-                       "area": float(a.area), "iscrowd": int(a.crowd),
-                       "segmentation": mask_rle(a.mask) if a.crowd else mask_polygons(a.mask)}
+        jobs = [(seed, split, idx, image_id, sizes, img_dir) for idx, image_id in enumerate(ids)]
+        for image, objects in _run_jobs(_coco_image, jobs, workers):
+            images.append(image)
+            for rec, keypoints in objects:
+                rec = {"id": ann_id, **rec}
                 anns.append(rec)
-                if a.cls == "person":
-                    kp_anns.append({**rec, "keypoints": a.keypoints, "num_keypoints": a.num_keypoints})
+                if keypoints is not None:
+                    kp_anns.append({**rec, **keypoints})
                 ann_id += 1
         base = {"info": info, "licenses": licenses, "images": images}
         _write_json({**base, "annotations": anns, "categories": categories},
@@ -841,8 +868,41 @@ def _write_list(path: Path, ids: list[str]) -> None:
     path.write_text("".join(f"{i}\n" for i in sorted(ids)))
 
 
+def _voc_image(job: tuple) -> list[tuple[str, bool]]:
+    """Render one VOC image and write its JPEG, XML and (segmentation sets) PNGs; returns (class,
+    difficult) per object. Its own rng: any process gives the same files."""
+    seed, year, image_id, sizes, dirs, segmented, augmented, palette = job
+    cls_index = {c: k + 1 for k, c in enumerate(VOC_CLASSES)}
+    weights = np.array([2.0 if c == "person" else 1.0 for c in VOC_SCENE_CLASSES])
+    rng = _rng(seed, "voc", year, image_id)
+    w, h = _size(rng, sizes)
+    scene = render_scene(rng, w, h, VOC_SCENE_CLASSES, int(rng.integers(1, 5)), weights=weights)
+    anns = annotate(scene)
+    _save_jpeg(scene.image, dirs["JPEGImages"] / f"{image_id}.jpg")
+    (dirs["Annotations"] / f"{image_id}.xml").write_text(_voc_xml(year, image_id, w, h, segmented, anns))
+    if segmented or augmented:
+        cls_map = np.zeros((h, w), np.uint8)
+        obj_map = np.zeros((h, w), np.uint8)
+        for k, a in enumerate(anns):
+            cls_map[a.mask] = cls_index[a.cls]
+            obj_map[a.mask] = k + 1
+        if augmented:
+            Image.fromarray(cls_map).save(dirs["SegmentationClassAug"] / f"{image_id}.png")
+        if segmented:
+            void = _boundary(obj_map)
+            for a in anns:
+                if a.difficult:
+                    void |= a.mask
+            for arr, sub in ((cls_map, "SegmentationClass"), (obj_map, "SegmentationObject")):
+                arr = np.where(void, 255, arr).astype(np.uint8)
+                png = Image.fromarray(arr)
+                png.putpalette(palette)  # an 'L' image with a palette becomes 'P'
+                png.save(dirs[sub] / f"{image_id}.png")
+    return [(a.cls, a.difficult) for a in anns]
+
+
 def _write_voc(root: Path, year: str, seed: int, splits: dict[str, list[str]], seg: set[str],
-               aug: set[str], sizes: dict) -> dict:
+               aug: set[str], sizes: dict, workers: int = 1) -> dict:
     """One VOCdevkit/VOC<year> folder; splits maps Main split name -> ids (all images written)."""
     palette = voc_colormap().ravel().tolist()
     dirs = {k: root / k for k in ("Annotations", "JPEGImages", "ImageSets/Main")}
@@ -854,47 +914,19 @@ def _write_voc(root: Path, year: str, seed: int, splits: dict[str, list[str]], s
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     ids = sorted({i for ids in splits.values() for i in ids})
-    labels: dict[str, list[Annotation]] = {}
-    cls_index = {c: k + 1 for k, c in enumerate(VOC_CLASSES)}
-    weights = np.array([2.0 if c == "person" else 1.0 for c in VOC_SCENE_CLASSES])
-    for image_id in ids:
-        rng = _rng(seed, "voc", year, image_id)
-        w, h = _size(rng, sizes)
-        scene = render_scene(rng, w, h, VOC_SCENE_CLASSES, int(rng.integers(1, 5)), weights=weights)
-        anns = annotate(scene)
-        labels[image_id] = anns
-        _save_jpeg(scene.image, dirs["JPEGImages"] / f"{image_id}.jpg")
-        (dirs["Annotations"] / f"{image_id}.xml").write_text(
-            _voc_xml(year, image_id, w, h, image_id in seg, anns))
-        if image_id in seg or image_id in aug:
-            cls_map = np.zeros((h, w), np.uint8)
-            obj_map = np.zeros((h, w), np.uint8)
-            for k, a in enumerate(anns):
-                cls_map[a.mask] = cls_index[a.cls]
-                obj_map[a.mask] = k + 1
-            if image_id in aug:
-                Image.fromarray(cls_map).save(dirs["SegmentationClassAug"] / f"{image_id}.png")
-            if image_id in seg:
-                void = _boundary(obj_map)
-                for a in anns:
-                    if a.difficult:
-                        void |= a.mask
-                for arr, sub in ((cls_map, "SegmentationClass"), (obj_map, "SegmentationObject")):
-                    arr = np.where(void, 255, arr).astype(np.uint8)
-                    png = Image.fromarray(arr)
-                    png.putpalette(palette)  # an 'L' image with a palette becomes 'P'
-                    png.save(dirs[sub] / f"{image_id}.png")
+    jobs = [(seed, year, image_id, sizes, dirs, image_id in seg, image_id in aug, palette) for image_id in ids]
+    labels = dict(zip(ids, _run_jobs(_voc_image, jobs, workers)))
     for split, split_ids in splits.items():
         _write_list(dirs["ImageSets/Main"] / f"{split}.txt", split_ids)
         for c in VOC_CLASSES:  # per-class lists: 1 present, 0 only difficult, -1 absent
             rows = []
             for i in sorted(split_ids):
-                found = [a.difficult for a in labels[i] if a.cls == c]
+                found = [difficult for cls, difficult in labels[i] if cls == c]
                 flag = -1 if not found else (0 if all(found) else 1)
                 rows.append(f"{i} {flag:2d}\n")
             (dirs["ImageSets/Main"] / f"{c}_{split}.txt").write_text("".join(rows))
     summary = {split: {"images": len(s), "objects": sum(len(labels[i]) for i in s),
-                       "difficult": sum(a.difficult for i in s for a in labels[i])}
+                       "difficult": sum(difficult for i in s for _, difficult in labels[i])}
                for split, s in splits.items()}
     return summary
 
@@ -910,10 +942,11 @@ def _boundary(obj_map: np.ndarray) -> np.ndarray:
     return band
 
 
-def write_synthetic(out: Path, seed: int = 0, **sizes: int) -> dict:
+def write_synthetic(out: Path, seed: int = 0, workers: int | None = None, **sizes: int) -> dict:
     """Write COCO 2017 and VOCdevkit (VOC2007, VOC2012 with SBD-style train_aug) under out.
 
-    sizes overrides DEFAULT_SIZES (image counts per split, min_side/max_side in pixels).  A
+    sizes overrides DEFAULT_SIZES (image counts per split, min_side/max_side in pixels). Images are
+    rendered in ``workers`` processes (default: one per available core); the files do not depend on it.  A
     `SYNTHETIC.json` marker is written at the root; an existing coco/ or VOCdevkit/ folder is
     replaced only when that marker shows it is synthetic.  Returns a JSON-able summary: per
     dataset, split -> counts.
@@ -923,6 +956,8 @@ def write_synthetic(out: Path, seed: int = 0, **sizes: int) -> dict:
         raise TypeError(f"write_synthetic: unknown size keyword(s) {sorted(unknown)}; "
                         f"known: {sorted(DEFAULT_SIZES)}")
     cfg = {**DEFAULT_SIZES, **{k: int(v) for k, v in sizes.items()}}
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if any(v < 0 for v in cfg.values()) or not 16 <= cfg["min_side"] <= cfg["max_side"]:
         raise HarnessError(f"synthetic data: bad sizes {cfg} (counts >= 0, 16 <= min_side <= max_side)")
     out = Path(out)
@@ -936,7 +971,7 @@ def write_synthetic(out: Path, seed: int = 0, **sizes: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"generator": __name__, "seed": seed, "sizes": cfg}))
 
-    summary: dict = {"coco": _write_coco(coco, seed, cfg)}
+    summary: dict = {"coco": _write_coco(coco, seed, cfg, workers)}
 
     rng = _rng(seed, "voc2007", "ids")
     n_tv, n_test = cfg["voc07_trainval"], cfg["voc07_test"]
@@ -946,7 +981,7 @@ def write_synthetic(out: Path, seed: int = 0, **sizes: int) -> dict:
     val = sorted(set(trainval) - set(train))
     summary["voc2007"] = _write_voc(voc / "VOC2007", "2007", seed,
                                     {"train": train, "val": val, "trainval": trainval, "test": test},
-                                    set(), set(), cfg)
+                                    set(), set(), cfg, workers)
 
     rng = _rng(seed, "voc2012", "ids")
     n_tr, n_va, n_ex = cfg["voc12_train"], cfg["voc12_val"], cfg["voc12_aug_extra"]
@@ -955,7 +990,7 @@ def write_synthetic(out: Path, seed: int = 0, **sizes: int) -> dict:
     train_aug = sorted(seg_train + extra)  # SBD-style: more images than train, none from val
     summary["voc2012"] = _write_voc(voc / "VOC2012", "2012", seed,
                                     {"train": train_aug, "val": seg_val, "trainval": sorted(train_aug + seg_val)},
-                                    set(seg_train + seg_val), set(train_aug + seg_val), cfg)
+                                    set(seg_train + seg_val), set(train_aug + seg_val), cfg, workers)
     seg_dir = voc / "VOC2012" / "ImageSets" / "Segmentation"
     seg_dir.mkdir(parents=True, exist_ok=True)
     for name, split_ids in (("train", seg_train), ("val", seg_val), ("trainval", seg_train + seg_val),
