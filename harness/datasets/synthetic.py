@@ -89,6 +89,8 @@ CROWD_CLASSES = ("person", "sheep", "bird", "bottle", "car")
 # one epoch) can learn them; the other ten have no ground truth and drop out of the VOC mean.
 VOC_SCENE_CLASSES = ("aeroplane", "bicycle", "bird", "bottle", "car", "chair", "cow", "person", "train",
                      "tvmonitor")
+VOC_SCENE_WEIGHTS = np.array([2.0 if c == "person" else 1.0 for c in VOC_SCENE_CLASSES])
+VOC_CLASS_INDEX = {c: k + 1 for k, c in enumerate(VOC_CLASSES)}  # segmentation label of each class
 # texture cue per class: shared by a few classes each, so it helps but does not decide
 TEXTURE = {c.name: (TEXTURES[i % 6], 45.0 * (i // 6)) for i, c in enumerate(VOCAB)}
 
@@ -872,11 +874,9 @@ def _voc_image(job: tuple) -> list[tuple[str, bool]]:
     """Render one VOC image and write its JPEG, XML and (segmentation sets) PNGs; returns (class,
     difficult) per object. Its own rng: any process gives the same files."""
     seed, year, image_id, sizes, dirs, segmented, augmented, palette = job
-    cls_index = {c: k + 1 for k, c in enumerate(VOC_CLASSES)}
-    weights = np.array([2.0 if c == "person" else 1.0 for c in VOC_SCENE_CLASSES])
     rng = _rng(seed, "voc", year, image_id)
     w, h = _size(rng, sizes)
-    scene = render_scene(rng, w, h, VOC_SCENE_CLASSES, int(rng.integers(1, 5)), weights=weights)
+    scene = render_scene(rng, w, h, VOC_SCENE_CLASSES, int(rng.integers(1, 5)), weights=VOC_SCENE_WEIGHTS)
     anns = annotate(scene)
     _save_jpeg(scene.image, dirs["JPEGImages"] / f"{image_id}.jpg")
     (dirs["Annotations"] / f"{image_id}.xml").write_text(_voc_xml(year, image_id, w, h, segmented, anns))
@@ -884,7 +884,7 @@ def _voc_image(job: tuple) -> list[tuple[str, bool]]:
         cls_map = np.zeros((h, w), np.uint8)
         obj_map = np.zeros((h, w), np.uint8)
         for k, a in enumerate(anns):
-            cls_map[a.mask] = cls_index[a.cls]
+            cls_map[a.mask] = VOC_CLASS_INDEX[a.cls]
             obj_map[a.mask] = k + 1
         if augmented:
             Image.fromarray(cls_map).save(dirs["SegmentationClassAug"] / f"{image_id}.png")
