@@ -472,6 +472,15 @@ def _to_submit(plan: EvalPlan, record: dict) -> list:
     return todo
 
 
+def longest_first(cells: list, plan: EvalPlan, cards) -> list:
+    """Cells in the order that lets a local pool finish soonest: most images trained first (the
+    profile's iterations x batch), fine-tune before frozen (which has no backbone backward), otherwise
+    the plan's order. Started last, the longest cell would run alone while the other slots idle."""
+    profiles = {task: card.profile(plan.profile) for task, card in zip(plan.tasks, cards)}
+    images = {task: p.iterations * p.batch_size for task, p in profiles.items()}
+    return sorted(cells, key=lambda cell: (-images[cell[0]], cell[1] == "frozen"))
+
+
 def _save(plan: EvalPlan, record: dict) -> None:
     Path(plan.out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(plan.out) / LAUNCH_FILE, record)
@@ -567,7 +576,7 @@ def _launch_local(plan: EvalPlan, opts: LaunchOptions, cards) -> list[dict]:
                            f"{visible} are visible")
     _check_seg_batch(plan, cards, max(1, gpus), gpus > 0)
     record = _previous(plan, "local")
-    todo = _to_submit(plan, record)
+    todo = longest_first(_to_submit(plan, record), plan, cards)
     _save(plan, record)
     timeout = parse_duration(opts.time) if opts.time else 30 * 1440
     pool = _LocalPool(plan, record, todo, parallel, gpus, cpu_threads(parallel), timeout, opts.signal_delay or 120)

@@ -18,6 +18,7 @@ import torch
 from harness import launch
 from harness.cli import main
 from harness.launch import acquire_lock, cpu_threads, parse_duration
+from harness.runner import EvalPlan, check_plan
 from tests import fake_slurm
 from tests.support import Toy, ToyData, run_cli, tiny_cards, toy_config
 
@@ -136,6 +137,18 @@ def test_train_stops_on_request_with_a_checkpoint_and_resumes_to_the_same_weight
 
 
 # ----------------------------------------------------------------------------- local launcher
+def test_local_pool_starts_the_longest_cells_first():
+    """The smoke demo's pose cells (800 iterations) start first; fine-tune before frozen; equal
+    cells keep the plan's order (voc and seg both train 200 x 4 images)."""
+    plan = EvalPlan(backbone="random:resnet18", tasks=["seg", "coco", "voc", "pose"], profile="smoke", seeds=2)
+    order = launch.longest_first(launch.cells_of(plan), plan, check_plan(plan))
+    assert [launch.cell_name(c) for c in order] == [
+        "pose/finetune/seed0", "pose/finetune/seed1", "pose/frozen/seed0", "pose/frozen/seed1",
+        "coco/finetune/seed0", "coco/finetune/seed1", "coco/frozen/seed0", "coco/frozen/seed1",
+        "seg/finetune/seed0", "seg/finetune/seed1", "voc/finetune/seed0", "voc/finetune/seed1",
+        "seg/frozen/seed0", "seg/frozen/seed1", "voc/frozen/seed0", "voc/frozen/seed1"]
+
+
 @pytest.mark.slow
 def test_local_launcher_two_in_parallel_equals_the_serial_run(synthetic_root, tmp_path, capsys, monkeypatch):
     cards = tiny_cards(tmp_path / "tasks")
