@@ -13,8 +13,9 @@ on the same batches: the engine's shuffle and augmentation for the round's seed,
 normalized before its clock starts. A third side, `engine`, is `harness.engine.train` with the
 pretraining model and schedule on those batches handed over ready (no decoding, no loader, the
 final checkpoint included): engine / bare is the harness without its data path. After an untimed
-warm-up of each, `--rounds` rounds in alternating order in one process. Prints images/s of each and
-the ratios.
+warm-up of each, `--rounds` rounds in alternating order in one process. Prints images/s of each, the
+ratios of the totals, and harness / bare within each round with their median (a machine whose speed
+drifts over the minutes of a run moves both sides of a round alike).
 
 Then it writes the same images as WebDataset tar shards and prints images/s read from the local
 shards by one loader process (`ShardStream` iterated in this process with one torch thread: tar read
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -159,10 +161,11 @@ def main() -> None:
         for name in sides:  # warm-up, untimed
             timed(name, 100)
         loop = 0.0
-        totals = dict.fromkeys(sides, 0.0)
+        rounds = {name: [] for name in sides}
         for r in range(args.rounds):  # the order alternates, so neither side always goes first
             for name in (sides if r % 2 == 0 else sides[::-1]):
-                totals[name] += timed(name, r)
+                rounds[name].append(timed(name, r))
+        totals = {name: sum(seconds) for name, seconds in rounds.items()}
         images = args.rounds * args.steps * args.batch
         print(f"CPU ({torch.get_num_threads()} threads), resnet18, {args.image_size} px, batch {args.batch}, "
               f"{args.rounds} rounds x {args.steps} steps, harness with {args.workers} loader workers")
@@ -173,6 +176,10 @@ def main() -> None:
         print(f"harness / bare throughput: {totals['bare'] / totals['harness']:.3f}   "
               f"(training loop alone, from metrics.jsonl: {totals['bare'] / loop:.3f}; setup, final checkpoint "
               f"and export: {(totals['harness'] - loop) / args.rounds:.1f} s per run)", flush=True)
+        paired = sorted(b / h for b, h in zip(rounds["bare"], rounds["harness"]))
+        print(f"harness / bare in each round (the two sides run back to back, so a machine that drifts over the "
+              f"run moves both): {' '.join(f'{x:.3f}' for x in paired)}, median {statistics.median(paired):.3f}",
+              flush=True)
 
         records = [json.loads(line) for line in manifest.read_text().splitlines()]
         write_shards(((f"{i:07d}", (manifest.parent / r["path"]).read_bytes(), "jpg", r["labels"])
