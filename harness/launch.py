@@ -28,7 +28,7 @@ from pathlib import Path
 import submitit
 
 from harness.datasets.synthetic import write_synthetic_once
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line_warnings
 from harness.files import write_json_atomic
 from harness.runner import EvalPlan, check_plan, collect, run_dir, run_eval, synthetic_data_dir
 
@@ -266,7 +266,8 @@ class CellJob(submitit.helpers.Checkpointable):
                 return "skipped"
             (cell_dir / FAILED_FILE).unlink(missing_ok=True)
         try:
-            run_cell(self.plan, self.task, self.protocol, self.seed, stop_requested=stop.is_set)
+            with one_line_warnings():  # the job's log shows them as the CLI does
+                run_cell(self.plan, self.task, self.protocol, self.seed, stop_requested=stop.is_set)
         except TrainingStopped as stopped:
             print(f"{name}: stopped at iteration {stopped.iteration}, checkpoint written; requeueing job "
                   f"{job.job_id}", flush=True)

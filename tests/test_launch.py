@@ -161,6 +161,9 @@ def test_local_launcher_two_in_parallel_equals_the_serial_run(synthetic_root, tm
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
     assert "started as local job" in local.stdout and f"on {threads} thread(s)" in local.stdout
     assert "2 running" in local.stdout  # two cells ran at the same time
+    logs = "".join(p.read_text() for p in (tmp_path / "local" / "jobs").glob("*_log.out"))
+    assert "harness: warning: no non-difficult ground truth for" in logs  # one line, as the CLI prints it
+    assert "HarnessWarning" not in logs and "voc_detection_metrics(" not in logs  # no source line under it
     assert json.loads((tmp_path / "local/results.json").read_text()) == json.loads((tmp_path / "serial/results.json").read_text())
     assert local.stdout.split("2 done\n")[-1].split("results:")[0] == serial.stdout.split("results:")[0]
     for task in ("voc", "seg"):
