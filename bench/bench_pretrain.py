@@ -177,8 +177,8 @@ def main() -> None:
               f"(training loop alone, from metrics.jsonl: {totals['bare'] / loop:.3f}; setup, final checkpoint "
               f"and export: {(totals['harness'] - loop) / args.rounds:.1f} s per run)", flush=True)
         paired = sorted(b / h for b, h in zip(rounds["bare"], rounds["harness"]))
-        print(f"harness / bare in each round (the two sides run back to back, so a machine that drifts over the "
-              f"run moves both): {' '.join(f'{x:.3f}' for x in paired)}, median {statistics.median(paired):.3f}",
+        print(f"harness / bare in each round, sorted (the two sides run back to back, so a machine that drifts "
+              f"over the run moves both): {' '.join(f'{x:.3f}' for x in paired)}, median {statistics.median(paired):.3f}",
               flush=True)
 
         records = [json.loads(line) for line in manifest.read_text().splitlines()]
