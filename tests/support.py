@@ -67,6 +67,10 @@ def tiny_cards(folder: Path, tasks=None, **changes) -> Path:
 
 # ----------------------------------------------------------------------------- tiny models and data
 SMALL_ANCHORS = (8, 16, 32, 64, 128)
+# timm's 0.37M-parameter ResNet (stages c2..c5 and a layer4, so the C4 head works; odd widths, c4 192 and
+# c5 96, so heads must take channels from the backbone): for tests of what runs around the model
+# (launchers, resume, seeds, torchrun). A tiny voc/seg cell costs about a quarter of ResNet-18's.
+SMALL_ARCH = "timm:test_resnet"
 
 
 def tiny_backbone(arch: str = "resnet18") -> nn.Module:

@@ -23,7 +23,7 @@ from harness.engine import TrainConfig, lr_factor, pack_batch, predict, sample_s
 from harness.errors import HarnessError
 from harness.models.detection import detection_train_augment
 from harness.protocols import apply_protocol
-from tests.support import Shapes, Toy, ToyData, tiny_backbone, tiny_detector
+from tests.support import SMALL_ARCH, Shapes, Toy, ToyData, tiny_backbone, tiny_detector
 from tests.support import toy_config as _cfg
 
 HERE = Path(__file__).resolve()
@@ -309,7 +309,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
 def _worker(out: str, slow: bool) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    backbone = tiny_backbone()
+    backbone = tiny_backbone(SMALL_ARCH)
     model = tiny_detector(backbone)
     apply_protocol(model, backbone, "finetune")
     flip = detection_train_augment()

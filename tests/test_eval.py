@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import run_cli
+from tests.support import SMALL_ARCH, run_cli
 from tests.support import tiny_cards as write_tiny_cards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def tiny(tiny_cards, monkeypatch) -> Path:
 @pytest.mark.slow
 def test_eval_writes_results_skips_finished_runs_and_aggregates_seeds(tiny, synthetic_root, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["eval", "--backbone", "random:resnet18", "--tasks", "voc,seg", "--protocols", "finetune,frozen",
+    args = ["eval", "--backbone", f"random:{SMALL_ARCH}", "--tasks", "voc,seg", "--protocols", "finetune,frozen",
             "--profile", "smoke", "--data-root", synthetic_root, "--seeds", "2", "--out", out, "--no-progress", "--device", "cpu"]
     code, stdout, stderr = run_cli(capsys, *args)
     assert code == 0, stderr[-3000:]
@@ -92,7 +92,7 @@ def test_eval_under_torchrun_with_two_gloo_processes(tiny_cards, synthetic_root,
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "harness",
-           "eval", "--backbone", "random:resnet18", "--tasks", "voc", "--protocols", "finetune", "--profile", "smoke",
+           "eval", "--backbone", f"random:{SMALL_ARCH}", "--tasks", "voc", "--protocols", "finetune", "--profile", "smoke",
            "--data-root", str(synthetic_root), "--out", str(out), "--no-progress", "--device", "cpu"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -109,7 +109,7 @@ def test_eval_with_data_loading_workers(tiny, synthetic_root, tmp_path, capsys):
     """Worker processes load and augment (resizes in a worker run on one thread, so images can
     differ from the main process's in the last float bit: metrics are not compared bit for bit)."""
     out = tmp_path / "w2"
-    code, _, stderr = run_cli(capsys, "eval", "--backbone", "random:resnet18", "--tasks", "seg", "--protocols", "finetune",
+    code, _, stderr = run_cli(capsys, "eval", "--backbone", f"random:{SMALL_ARCH}", "--tasks", "seg", "--protocols", "finetune",
                               "--profile", "smoke", "--data-root", synthetic_root, "--out", out, "--no-progress",
                               "--device", "cpu", "--workers", "2")
     assert code == 0, stderr[-3000:]

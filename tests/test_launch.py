@@ -20,7 +20,7 @@ from harness.cli import main
 from harness.launch import acquire_lock, cpu_threads, parse_duration
 from harness.runner import EvalPlan, check_plan
 from tests import fake_slurm
-from tests.support import Toy, ToyData, run_cli, tiny_cards, toy_config
+from tests.support import SMALL_ARCH, Toy, ToyData, run_cli, tiny_cards, toy_config
 
 
 def harness_env(cards: Path, threads: int = 2, **extra) -> dict:
@@ -54,7 +54,7 @@ def harness_here(capsys, monkeypatch, *args, env: dict, threads: int = 1) -> sub
 
 
 def eval_args(root, out, tasks="voc", protocols="frozen", seeds=1):
-    return ["eval", "--backbone", "random:resnet18", "--tasks", tasks, "--protocols", protocols, "--profile", "smoke",
+    return ["eval", "--backbone", f"random:{SMALL_ARCH}", "--tasks", tasks, "--protocols", protocols, "--profile", "smoke",
             "--data-root", root, "--seeds", seeds, "--out", out, "--no-progress", "--device", "cpu"]
 
 
