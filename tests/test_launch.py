@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,11 +29,6 @@ def harness_env(cards: Path, threads: int = 2, **extra) -> dict:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     return env
-
-
-def harness(*args, env):
-    return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=1200)
 
 
 def harness_here(capsys, monkeypatch, *args, env: dict, threads: int = 1) -> subprocess.CompletedProcess:
@@ -64,13 +60,13 @@ def losses(run: Path) -> list[dict]:
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def wait_for(predicate, timeout=900, what="condition"):
+def wait_for(predicate, timeout=900, what="condition", period=0.2):
     end = time.time() + timeout
     while time.time() < end:
         value = predicate()
         if value:
             return value
-        time.sleep(0.2)
+        time.sleep(period)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -156,8 +152,8 @@ def test_local_launcher_two_in_parallel_equals_the_serial_run(synthetic_root, tm
     serial = harness_here(capsys, monkeypatch, *eval_args(synthetic_root, tmp_path / "serial", "voc,seg"),
                           env=harness_env(cards, threads), threads=threads)
     assert serial.returncode == 0, serial.stderr[-3000:]
-    local = harness(*eval_args(synthetic_root, tmp_path / "local", "voc,seg"), "--launcher", "local",
-                    "--max-parallel", "2", env=harness_env(cards))
+    local = harness_here(capsys, monkeypatch, *eval_args(synthetic_root, tmp_path / "local", "voc,seg"), "--launcher",
+                         "local", "--max-parallel", "2", env=harness_env(cards))
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
     assert "started as local job" in local.stdout and f"on {threads} thread(s)" in local.stdout
     assert "2 running" in local.stdout  # two cells ran at the same time
@@ -179,12 +175,12 @@ def test_local_launcher_two_in_parallel_equals_the_serial_run(synthetic_root, tm
 @pytest.mark.slow
 def test_signals_mid_training_requeue_and_resume_to_the_same_weights(synthetic_root, tmp_path, capsys, monkeypatch):
     """SIGUSR1, then SIGTERM after the requeue: each stops training at a step boundary with a checkpoint,
-    submitit's checkpoint hook requeues the job, and the final weights and metrics equal an uninterrupted run's."""
-    cards = tiny_cards(tmp_path / "tasks", iterations=6, checkpoint_period=100)
+    submitit's checkpoint hook requeues the job, and the final weights and metrics equal an uninterrupted run's.
+    The launcher runs in this process; a thread signals its job (a process of its own) as a scheduler would."""
+    iterations = 10  # a job stops at the first step boundary after a signal (iterations 1 and 2 here)
+    cards = tiny_cards(tmp_path / "tasks", iterations=iterations, checkpoint_period=100)
     out, ref = tmp_path / "preempted", tmp_path / "reference"
     args = eval_args(synthetic_root, out, "voc", "frozen")
-    job = subprocess.Popen([sys.executable, "-m", "harness", *map(str, args), "--launcher", "local"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=harness_env(cards))
     lock = out / "voc" / "frozen" / "seed0" / "lock.json"
 
     def pid():
@@ -193,17 +189,26 @@ def test_signals_mid_training_requeue_and_resume_to_the_same_weights(synthetic_r
         except (OSError, ValueError, KeyError):
             return None
 
-    first = wait_for(pid, what="the cell's lock")
-    os.kill(first, signal.SIGUSR1)
-    second = wait_for(lambda: (p := pid()) not in (None, first) and p, what="the requeued job")
-    os.kill(second, signal.SIGTERM)
-    stdout, _ = job.communicate(timeout=1200)
-    assert job.returncode == 0, stdout[-3000:]
+    signalled = []
+
+    def preempt():
+        first = wait_for(pid, what="the cell's lock", period=0.05)
+        os.kill(first, signal.SIGUSR1)
+        second = wait_for(lambda: (p := pid()) not in (None, first) and p, what="the requeued job", period=0.05)
+        os.kill(second, signal.SIGTERM)
+        signalled.extend([first, second])
+
+    scheduler = threading.Thread(target=preempt, daemon=True)
+    scheduler.start()
+    launched = harness_here(capsys, monkeypatch, *args, "--launcher", "local", env=harness_env(cards))
+    scheduler.join(timeout=60)
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert len(signalled) == 2, "the job ended before both signals were sent"
     log = Path(json.loads((out / "launch.json").read_text())["cells"]["voc/frozen/seed0"]["log"]).read_text()
     assert "caught SIGUSR1" in log and "caught SIGTERM" in log and log.count("Requeued job") == 2
     stops = [int(line.split("stopped at iteration ")[1].split(",")[0]) for line in log.splitlines()
              if "stopped at iteration" in line]
-    assert len(stops) == 2 and 0 < stops[0] <= stops[1] < 6
+    assert len(stops) == 2 and 0 < stops[0] <= stops[1] < iterations, stops
     serial = harness_here(capsys, monkeypatch, *eval_args(synthetic_root, ref, "voc", "frozen"),
                           env=harness_env(cards, cpu_threads(1)), threads=cpu_threads(1))  # the job's threads
     assert serial.returncode == 0, serial.stderr[-3000:]
