@@ -20,6 +20,7 @@ from harness.protocols import apply_protocol
 from harness.kinds import KINDS
 from harness.kinds.detection import aspect_groups
 from harness.runner import format_table, off_protocol, train_config
+from tests.support import SMALL_ARCH
 
 
 # ----------------------------------------------------------------------------- total batch
@@ -142,11 +143,11 @@ def test_proposals_under_bf16_autocast_equal_fp32_ones():
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["coco", "voc", "seg", "pose"])
 def test_every_task_model_trains_and_predicts_under_cpu_bf16_autocast(task, tmp_path):
-    # timm's 0.37M-parameter test_resnet (it has the res5 stage the C4 head needs): on a CPU without
-    # native bf16, bf16 convolutions take torch's slow reference path (ResNet-18's voc model: 45 s)
+    # SMALL_ARCH (timm's test_resnet, with the res5 stage the C4 head needs): on a CPU without native
+    # bf16, bf16 convolutions take torch's slow reference path (ResNet-18's voc model: 45 s)
     card = task_card(task)
     torch.manual_seed(0)
-    backbone = build_backbone("timm:test_resnet")
+    backbone = build_backbone(SMALL_ARCH)
     kind = KINDS[card.model.kind]
     kwargs, aug = kind.settings(card, "smoke")
     model = kind.build_model(backbone, **kwargs)
@@ -284,14 +285,14 @@ def test_dry_run_plans_every_card(profile, synthetic_root, tmp_path, capsys, mon
 def test_dry_run_trains_and_predicts_at_the_profile_sizes(task, profile, synthetic_root, tmp_path, capsys, monkeypatch):
     """The card's model built at the profile's image sizes and heads, trained and predicting, with nothing
     written: one step and one image here (the product's 2 and 2 repeat the same code at full-size cost).
-    The backbone is timm's 0.37M-parameter test_resnet (its odd widths, c4 192 and c5 96, check that the
+    The backbone is SMALL_ARCH, timm's 0.37M-parameter test_resnet (its odd widths, c4 192 and c5 96, check that the
     heads take their channels from the backbone): the sizes and heads are the profile's, and with
     ResNet-18 the five cells took 125 s of the suite, the voc C4 head (res5 on 512 RoIs) 46 s of it."""
     from harness import runner
 
     monkeypatch.setattr(runner, "DRY_RUN_ITERATIONS", 1)
     monkeypatch.setattr(runner, "DRY_RUN_IMAGES", 1)
-    out = _dry_run([task], profile, synthetic_root, tmp_path / "out", capsys, backbone="random:timm:test_resnet")
+    out = _dry_run([task], profile, synthetic_root, tmp_path / "out", capsys, backbone=f"random:{SMALL_ARCH}")
     assert (f"dry run: {task}/finetune/seed0 " in out
             and "(1 steps, 1 predictions each)" in out)
 
