@@ -286,6 +286,8 @@ def test_bad_shards_are_one_line_errors(tmp_path):
     with pytest.raises(HarnessError) as err:
         list(stream.batches(0, 1, 1, workers=1))
     assert "not a readable image" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(HarnessError, match="not a readable image"):  # iterated directly, it raises itself
+        list(stream)
 
 
 # ----------------------------------------------------------------------------- losses + hierarchy

@@ -37,6 +37,7 @@ records both in its checkpoint so that a resume with others is refused.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -198,6 +199,16 @@ def resume_point(counts: list[int], offset: int) -> tuple[list[int], int]:
     return taken, (active[rest] if rest < len(active) else 0)
 
 
+@dataclass
+class Unreadable:
+    """What a stream read by ``ShardStream.batches`` yields, as its last item, for a sample it cannot
+    read; ``batches`` raises the message as one line. Raised in a DataLoader worker instead, it would
+    come back with the worker's traceback, and the worker would take torch's 5-second shutdown timeout
+    to end. Iterated any other way, the stream raises the HarnessError itself."""
+
+    message: str
+
+
 def _key_number(key: str) -> int:
     return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")
 
@@ -225,6 +236,7 @@ class ShardStream(IterableDataset):
         self.rank, self.seed, self.shuffle_buffer = rank, seed, max(1, int(shuffle_buffer))
         self.epoch, self.offset = 0, 0
         self.augment: Callable | None = None
+        self.unreadable_as_item = False  # True in the copy that ``batches`` reads
 
     def __len__(self) -> int:
         return self.length
@@ -258,7 +270,14 @@ class ShardStream(IterableDataset):
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(tag + ":buffer")),
         )
         for sample in itertools.islice(pipeline, taken[w], None):  # skipped samples are not decoded
-            yield self._decode(sample)
+            try:
+                item = self._decode(sample)
+            except HarnessError as exc:
+                if not self.unreadable_as_item:
+                    raise
+                yield Unreadable(str(exc))
+                return
+            yield item
 
     def _decode(self, sample: dict):
         labels = sample_labels(sample, self.classes)
@@ -287,9 +306,14 @@ class ShardStream(IterableDataset):
         left = (stop - start) * per_rank
         while left > 0:
             self.set_epoch(epoch, offset)
-            loader = DataLoader(self, batch_size=None, num_workers=n, collate_fn=_as_is)
+            reader = copy.copy(self)  # this epoch's stream, giving an unreadable sample as an item
+            reader.unreadable_as_item = True
+            loader = DataLoader(reader, batch_size=None, num_workers=n, collate_fn=_as_is)
+            sample = None
             try:
                 for sample in loader:
+                    if isinstance(sample, Unreadable):
+                        break
                     batch.append(sample)
                     left -= 1
                     if len(batch) == per_rank:
@@ -300,6 +324,8 @@ class ShardStream(IterableDataset):
             except HarnessError as exc:  # raised in a worker, the DataLoader adds its traceback: one line again
                 raise HarnessError(str(exc).strip().splitlines()[-1].removeprefix("harness.errors.HarnessError: ")) \
                     from None
+            if isinstance(sample, Unreadable):  # after the loop, which released the loader and its workers
+                raise HarnessError(sample.message)
             epoch, offset = epoch + 1, 0
 
 
