@@ -16,6 +16,8 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 
+MARKER = "SYNTHETIC.json"  # what `harness data synth` writes into a root (here, so checking needs no torch)
+
 DATA_ROOT_ENV = "HARNESS_DATA"
 
 
@@ -89,8 +91,6 @@ def expected_counts(root: Path, registry=None) -> dict[str, dict[str, int]] | No
     """The image counts a root should have: its `SYNTHETIC.json` marker's (None when the marker
     predates them), else the data registry's standard numbers."""
     import json
-
-    from harness.datasets.synthetic import MARKER
 
     marker = Path(root) / MARKER
     if marker.is_file():

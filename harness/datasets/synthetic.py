@@ -26,10 +26,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from harness.datasets.roots import MARKER
 from harness.datasets.voc import VOC_CLASSES, voc_colormap
 from harness.errors import HarnessError
 
-MARKER = "SYNTHETIC.json"
 JPEG_QUALITY = 90
 
 # ----------------------------------------------------------------------------- vocabulary
