@@ -324,7 +324,7 @@ class ShardStream(IterableDataset):
             except HarnessError as exc:  # raised in a worker, the DataLoader adds its traceback: one line again
                 raise HarnessError(str(exc).strip().splitlines()[-1].removeprefix("harness.errors.HarnessError: ")) \
                     from None
-            if isinstance(sample, Unreadable):  # after the loop, which released the loader and its workers
+            if isinstance(sample, Unreadable):  # after the loop, whose end released the iterator and its workers
                 raise HarnessError(sample.message)
             epoch, offset = epoch + 1, 0
 
