@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     from harness.cards import task_card
     from harness.datasets.synthetic import write_pretrain_synthetic
     from harness.pretrain import PretrainConfig
-    from harness.runner import EvalPlan, run_eval
+    from harness.plan import EvalPlan
+    from harness.runner import run_eval
     from harness.scaling import ScalingPlan, parse_fractions, run_scaling
 
     out = Path(args.out)

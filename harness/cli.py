@@ -35,7 +35,7 @@ def _csv(text: str) -> list[str]:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from harness.launch import LaunchOptions, launch
-    from harness.runner import EvalPlan, format_table
+    from harness.plan import EvalPlan, format_table
 
     plan = EvalPlan(
         backbone=args.backbone, arch=args.arch, tasks=_csv(args.tasks), protocols=_csv(args.protocols),
@@ -56,7 +56,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from harness.launch import show_status
-    from harness.runner import format_table
+    from harness.plan import format_table
 
     rows = show_status(Path(args.out), watch=args.watch, poll=args.poll)
     if rows:  # every cell done: collected

@@ -30,7 +30,7 @@ import submitit
 from harness.datasets.synthetic import write_synthetic_once
 from harness.errors import HarnessError, one_line_warnings
 from harness.files import write_json_atomic
-from harness.runner import EvalPlan, check_plan, collect, run_dir, run_eval, synthetic_data_dir
+from harness.plan import EvalPlan, check_plan, collect, run_dir, synthetic_data_dir
 
 LAUNCHERS = ("inprocess", "local", "slurm")
 LAUNCH_FILE = "launch.json"
@@ -433,6 +433,8 @@ def launch(plan: EvalPlan, opts: LaunchOptions) -> list[dict]:
     (results.json written), else [] (jobs submitted, not waited for)."""
     check_options(opts)
     if opts.launcher == "inprocess" or plan.dry_run:  # a dry run is a plan and seconds of work: here
+        from harness.runner import run_eval
+
         return run_eval(plan)
     cards = check_plan(plan)
     plan = dataclasses.replace(plan, out=Path(plan.out).resolve(),

@@ -243,7 +243,7 @@ def _shared_synthetic(plan: ScalingPlan, eval_dir: Path) -> None:
     if get_rank() != 0:
         return
     from harness.datasets.synthetic import write_synthetic_once
-    from harness.runner import synthetic_data_dir
+    from harness.plan import synthetic_data_dir
 
     shared = synthetic_data_dir(plan.out)
     write_synthetic_once(shared)
@@ -258,7 +258,8 @@ def _shared_synthetic(plan: ScalingPlan, eval_dir: Path) -> None:
 
 def default_evaluator(plan: ScalingPlan) -> Evaluator:
     def evaluate(checkpoint: str, out: Path) -> list[RunSummary]:
-        from harness.runner import EvalPlan, run_eval
+        from harness.plan import EvalPlan
+        from harness.runner import run_eval
 
         if plan.synthetic:
             _shared_synthetic(plan, out)

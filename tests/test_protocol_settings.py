@@ -19,7 +19,8 @@ from harness.models.detection import build_detector, pad_colour
 from harness.protocols import apply_protocol
 from harness.kinds import KINDS
 from harness.kinds.detection import aspect_groups
-from harness.runner import format_table, off_protocol, train_config
+from harness.plan import format_table
+from harness.runner import off_protocol, train_config
 from tests.support import SMALL_ARCH
 
 
