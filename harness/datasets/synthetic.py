@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from harness.datasets.roots import MARKER
-from harness.datasets.voc import VOC_CLASSES, voc_colormap
+from harness.datasets.voc_devkit import VOC_CLASSES, voc_colormap
 from harness.errors import HarnessError
 
 JPEG_QUALITY = 90
