@@ -9,10 +9,25 @@ import pytest
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
-def pytest_collection_modifyitems(items):
-    """The end-to-end tests first: with one process per core (pytest-xdist), a long test started last
-    would keep one core busy after the other has run out of tests."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end tests first in every worker's share: a long test started last would keep one
+    core busy after the others have run out of tests. pytest-xdist's worksteal hands worker k the k-th
+    contiguous share of this list and later moves tests from the end of a busy worker's queue to an
+    idle one, so each share starts with every n-th end-to-end test and ends with short ones (with
+    all of them in the first share, the second share stole them back one by one and the suite ended
+    on one core for 25 s)."""
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    fast = [item for item in items if not item.get_closest_marker("slow")]
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    ordered, remaining = [], len(items)
+    for k in range(workers):
+        size = remaining // (workers - k)  # the share worksteal sends worker k
+        remaining -= size
+        share = slow[k::workers][:size]
+        take = size - len(share)
+        ordered += share + fast[:take]
+        fast = fast[take:]
+    items[:] = ordered + [item for item in slow + fast if item not in ordered]
 
 
 @pytest.fixture(autouse=True, scope="session")
