@@ -288,7 +288,7 @@ class BackboneCard(_Strict):
 
     @model_validator(mode="after")
     def _checks(self):
-        from harness.backbones import NORMALIZATIONS
+        from harness.normalization import NORMALIZATIONS
         from harness.fetch import parse_checksum
 
         try:

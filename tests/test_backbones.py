@@ -16,10 +16,10 @@ import torch.nn.functional as F
 import torchvision
 from safetensors.torch import save_file
 
-from harness.backbones import (CAFFE, IMAGENET, Backbone, FeatureInfo, Normalization, ViTBackbone,
-                               backbone_parameter_names, build_backbone, resolve_normalization)
+from harness.backbones import Backbone, FeatureInfo, ViTBackbone, backbone_parameter_names, build_backbone
 from harness.checkpoints import load_backbone, save_backbone
 from harness.errors import HarnessError
+from harness.normalization import CAFFE, IMAGENET, Normalization, resolve_normalization
 
 VIT = "vit_tiny_patch16_224"  # ViT-Ti/16: the ViT-S/B/L code path at a test-friendly size
 
@@ -388,6 +388,7 @@ def _harness_imports() -> dict[str, set[str]]:
 def test_imports_flow_one_way():
     """backbones builds architectures and knows no checkpoint file; no harness module imports back up."""
     graph = _harness_imports()
-    assert graph["harness.backbones"] <= {"harness.errors"}
+    assert graph["harness.backbones"] <= {"harness.errors", "harness.normalization"}
+    assert graph["harness.normalization"] <= {"harness.errors"}
     assert "harness.backbones" in graph["harness.checkpoints.load"]
     TopologicalSorter(graph).prepare()  # raises CycleError naming the modules of any import cycle

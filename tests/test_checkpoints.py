@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision
 
-from harness.backbones import CAFFE, IMAGENET
+from harness.normalization import CAFFE, IMAGENET
 from harness.checkpoints import (d2_to_tv, export_backbone, format_inspection, inspect_checkpoint, load_backbone,
                                  read_checkpoint, save_backbone, tv_to_d2)
 from harness.checkpoints.formats import LAYOUTS as RECORDS

@@ -102,15 +102,18 @@ def test_python_m_harness_exits_with_the_code_and_one_line(tmp_path):
     assert out.stderr.strip().splitlines() == [f"harness: error: data root not found: {tmp_path / 'none'}"]
 
 
-def test_data_synth_and_check_import_no_torch(synthetic_root, tmp_path):
-    """`harness data synth` draws and writes images, `harness data check` reads folders, lists and the
-    synthetic marker: neither loads torch, so they start in well under a second (with it, 4 s)."""
+def test_commands_that_read_cards_and_folders_import_no_torch(synthetic_root, tmp_path):
+    """`harness data synth` draws and writes images; `data check`, `tasks list` and `backbones list`
+    read folders and cards: none loads torch, so each starts in well under a second (with it, 2-4 s).
+    (`harness status` and SLURM submission: tests/test_launch.py.)"""
     sizes = "coco_train=1,coco_val=1,voc07_trainval=1,voc07_test=1,voc12_train=1,voc12_val=1,voc12_aug_extra=0"
     code = ("import sys; from harness.cli import main; "
-            f"synth = main(['data', 'synth', '--out', {str(tmp_path / 'synth')!r}, '--sizes', {sizes!r}]); "
-            f"rc = main(['data', 'check', '--root', {str(synthetic_root)!r}]); "
-            "print(synth, rc, sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))")
+            f"codes = [main(['data', 'synth', '--out', {str(tmp_path / 'synth')!r}, '--sizes', {sizes!r}]), "
+            f"main(['data', 'check', '--root', {str(synthetic_root)!r}]), main(['tasks', 'list']), "
+            "main(['backbones', 'list'])]; "
+            "print(codes, sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "present" in out.stdout and out.stdout.strip().splitlines()[-1] == "0 0 []"
+    assert "present" in out.stdout and "backbone card(s) in" in out.stdout and "task card(s) in" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[0, 0, 0, 0] []"
     assert (tmp_path / "synth" / "VOCdevkit" / "VOC2012" / "SegmentationClass").is_dir()

@@ -16,7 +16,7 @@ import torch
 import torchvision
 import yaml
 
-from harness.backbones import CAFFE, IMAGENET
+from harness.normalization import CAFFE, IMAGENET
 from harness.cards import all_backbone_cards
 from harness.checkpoints import inspect_checkpoint
 from harness.errors import HarnessError

@@ -20,7 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from harness.backbones import CAFFE, IMAGENET, Normalization, canonical_arch
+from harness.backbones import canonical_arch
+from harness.normalization import CAFFE, IMAGENET, Normalization
 
 HARNESS_FORMAT = "1"  # the harness's own safetensors files (``save_backbone``)
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from harness.backbones import IMAGENET, Backbone, Normalization, arch_family, build_backbone, canonical_arch, \
-    resolve_normalization
+from harness.backbones import Backbone, arch_family, build_backbone, canonical_arch
 from harness.checkpoints.formats import HARNESS_FORMAT, Layout, Probe, arch_named_by, detect, harness_metadata, \
     tensor_options
 from harness.checkpoints.match import Target, account, choose_prefix, reason
@@ -21,6 +20,7 @@ from harness.checkpoints.report import Match, Reading, Source, random_report
 from harness.checkpoints.read import StateDict, count_tensors, read_checkpoint, select_state_dict, sha256_file, \
     strip_wrappers, unwrap
 from harness.errors import HarnessError
+from harness.normalization import IMAGENET, Normalization, resolve_normalization
 
 RANDOM_INIT_SEED = 0  # random:<arch> is the architecture's initialisation drawn with this torch seed
 _OPTION_ORDER = ("stride_in_1x1", "img_size", "reg_tokens", "num_heads")  # as reports list them (others after)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.backbones import Backbone, Normalization
+from harness.backbones import Backbone
+from harness.normalization import Normalization
 from harness.checkpoints.match import Accounting
 
 
