@@ -1,7 +1,8 @@
 """`harness eval`: tasks x protocols x seeds -> results; finished runs are skipped on rerun.
 
 Every rank trains and predicts; rank 0 scores, writes `<out>/<task>/<protocol>/seed<k>/result.json`
-and, at the end, `<out>/results.json` (mean ± std over seeds) and the printed table.
+and, at the end, `<out>/results.json` (mean ± std over seeds). The plan, its run folders and the
+printed table are `harness.plan`'s (no torch there, for the launchers and `harness status`).
 """
 
 from __future__ import annotations
