@@ -115,9 +115,10 @@ def _tiny_image(seed: int, size=(3, 96, 128)):
 
 def test_proposals_under_bf16_autocast_equal_fp32_ones():
     """Anchors, box decoding and proposal selection run in fp32 under autocast: given the same RPN
-    head outputs (values a bf16 head would give), bf16 autocast and fp32 give the same proposals."""
+    head outputs (values a bf16 head would give), bf16 autocast and fp32 give the same proposals.
+    The backbone only feeds the RPN head, whose outputs are fixed below: SMALL_ARCH."""
     torch.manual_seed(0)
-    backbone = build_backbone("resnet18")
+    backbone = build_backbone(SMALL_ARCH)
     model = build_detector(backbone, num_classes=3, min_size=800, max_size=1333, neck_channels=64).eval()
     images, _ = model.transform([_tiny_image(0, (3, 600, 1000))])
     features = model.backbone(images.tensors)
