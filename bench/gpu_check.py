@@ -240,7 +240,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--predict-images", type=int, default=4)
     parser.add_argument("--tasks", nargs="+", help="card names (default: every card in tasks/)")
-    parser.add_argument("--tiny", action="store_true", help="CPU, tiny images, resnet18: checks the script runs")
+    parser.add_argument("--tiny", action="store_true", help="CPU, tiny images, timm's test_resnet: checks the script runs")
     args = parser.parse_args()
     print(HEADER, flush=True)
     report = check(args)
