@@ -20,7 +20,8 @@ steps each; not yet run on one).
 --tiny runs on the CPU with one torch thread: tiny images (64..96 px, short side 64), timm's test_resnet
 (a 0.37M-parameter ResNet with a res5 stage, so the C4 card's structure holds), 8 sampled RoIs per image
 and 16 test proposals, 1 warm-up and 1 timed step, 2 prediction images, fp32 and bf16 autocast (the bare
-loop inside an outer CPU torch.autocast, the engine with its own precision setting), channels_last on and off. On a CPU without native bf16 (AVX512-BF16/AMX; an AMD EPYC here) bf16 convolutions take
+loop inside an outer CPU torch.autocast, the engine with its own precision setting), channels_last on
+and off. On a CPU without native bf16 (AVX512-BF16/AMX; an AMD EPYC here) bf16 convolutions take
 torch's slow reference path: with ResNet-18 the --tiny run took 223 s there, with test_resnet 18 s.
 """
 

@@ -27,7 +27,8 @@ def pytest_collection_modifyitems(config, items):
         take = size - len(share)
         ordered += share + fast[:take]
         fast = fast[take:]
-    items[:] = ordered + [item for item in slow + fast if item not in ordered]
+    placed = set(ordered)
+    items[:] = ordered + [item for item in slow if item not in placed] + fast
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -44,6 +44,22 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+_FRESH = ("import json, sys\nfrom harness.cli import main\n"
+          "codes = [main(args) for args in json.loads(sys.argv[1])]\n"
+          "print(json.dumps([codes, sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules)]))")
+
+
+def run_cli_fresh(*commands, env: dict | None = None) -> tuple[list[int], list[str], str]:
+    """Each ``harness`` command (a list of arguments) in turn, in one new interpreter: (their exit
+    codes, which of torch, torchvision and timm got loaded, what they printed)."""
+    args = json.dumps([[str(a) for a in command] for command in commands])
+    done = subprocess.run([sys.executable, "-c", _FRESH, args], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *printed, last = done.stdout.strip().splitlines()
+    codes, modules = json.loads(last)
+    return codes, modules, "\n".join(printed)
+
+
 # ----------------------------------------------------------------------------- shrunk task cards
 TINY = {"iterations": 3, "batch_size": 2, "lr": 0.01, "steps": [], "warmup_iters": 1, "train_images": 6,
         "checkpoint_period": 2}

@@ -21,7 +21,7 @@ from harness.cli import main
 from harness.launch import acquire_lock, cpu_threads, parse_duration
 from harness.plan import EvalPlan, check_plan
 from tests import fake_slurm
-from tests.support import SMALL_ARCH, Toy, ToyData, run_cli, tiny_cards, toy_config
+from tests.support import SMALL_ARCH, Toy, ToyData, run_cli, run_cli_fresh, tiny_cards, toy_config
 
 
 def harness_env(cards: Path, threads: int = 2, **extra) -> dict:
@@ -257,17 +257,13 @@ def test_slurm_submission_and_status_load_no_torch(tmp_path):
     array and `harness status` read cards and folders only (measured here: status 4.1 s -> 0.5 s)."""
     env = {**os.environ, **fake_slurm.install(tmp_path / "bin", tmp_path / "slurm"), "FAKE_SLURM_RUN": "0"}
     out = tmp_path / "run"
-    code = ("import sys; from harness.cli import main; "
-            f"main(['eval', '--backbone', 'random:resnet18', '--tasks', 'voc,seg', '--profile', 'smoke', "
-            f"'--data-root', {str(tmp_path)!r}, '--out', {str(out)!r}, '--launcher', 'slurm', '--partition', 'gpu', "
-            "'--gpus-per-node', '2']); "
-            f"status = main(['status', '--out', {str(out)!r}]); "
-            "print(status, sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
-    assert "submitted 4 cell(s) as SLURM job 1000: 1000_0, 1000_1, 1000_2, 1000_3" in lines
-    assert lines.count("4 pending") == 2 and lines[-1] == "0 []", done.stdout
+    codes, modules, printed = run_cli_fresh(
+        ["eval", "--backbone", "random:resnet18", "--tasks", "voc,seg", "--profile", "smoke", "--data-root", tmp_path,
+         "--out", out, "--launcher", "slurm", "--partition", "gpu", "--gpus-per-node", "2"],
+        ["status", "--out", out], env=env)
+    assert codes == [0, 0] and modules == []
+    assert "submitted 4 cell(s) as SLURM job 1000: 1000_0, 1000_1, 1000_2, 1000_3" in printed
+    assert printed.splitlines().count("4 pending") == 2, printed
 
 
 @pytest.mark.slow

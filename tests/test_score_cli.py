@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.support import run_cli
+from tests.support import run_cli, run_cli_fresh
 
 
 @pytest.fixture
@@ -107,13 +107,9 @@ def test_commands_that_read_cards_and_folders_import_no_torch(synthetic_root, tm
     read folders and cards: none loads torch, so each starts in well under a second (with it, 2-4 s).
     (`harness status` and SLURM submission: tests/test_launch.py.)"""
     sizes = "coco_train=1,coco_val=1,voc07_trainval=1,voc07_test=1,voc12_train=1,voc12_val=1,voc12_aug_extra=0"
-    code = ("import sys; from harness.cli import main; "
-            f"codes = [main(['data', 'synth', '--out', {str(tmp_path / 'synth')!r}, '--sizes', {sizes!r}]), "
-            f"main(['data', 'check', '--root', {str(synthetic_root)!r}]), main(['tasks', 'list']), "
-            "main(['backbones', 'list'])]; "
-            "print(codes, sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "present" in out.stdout and "backbone card(s) in" in out.stdout and "task card(s) in" in out.stdout
-    assert out.stdout.strip().splitlines()[-1] == "[0, 0, 0, 0] []"
+    codes, modules, printed = run_cli_fresh(["data", "synth", "--out", tmp_path / "synth", "--sizes", sizes],
+                                            ["data", "check", "--root", synthetic_root], ["tasks", "list"],
+                                            ["backbones", "list"])
+    assert codes == [0, 0, 0, 0] and modules == []
+    assert "present" in printed and "backbone card(s) in" in printed and "task card(s) in" in printed
     assert (tmp_path / "synth" / "VOCdevkit" / "VOC2012" / "SegmentationClass").is_dir()
