@@ -46,7 +46,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     opts = LaunchOptions(**{k: getattr(args, k) for k in (
         "launcher", "max_parallel", "partition", "nodes", "gpus_per_node", "cpus_per_gpu", "mem", "time", "account",
-        "qos", "constraint", "signal_delay", "wait")})
+        "qos", "constraint", "signal_delay", "wait", "poll")})
     rows = launch(plan, opts)
     if rows:  # rank 0
         print(format_table(rows))
@@ -86,6 +86,7 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--signal-delay", type=int, default=None,
                    help="seconds before the time limit at which a job checkpoints and requeues (default 120)")
     g.add_argument("--wait", action="store_true", help="slurm: show a live table of the cells until all end")
+    g.add_argument("--poll", type=float, default=None, help="seconds between status checks with --wait (default 10)")
 
 
 # ----------------------------------------------------------------------------- data

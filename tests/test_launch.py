@@ -84,6 +84,8 @@ def test_durations():
     (["--launcher", "slurm", "--partition", "p", "--time", "1h", "--mem", "lots"], "--mem 'lots' is not"),
     (["--launcher", "local", "--partition", "p"], "--partition only apply to --launcher slurm"),
     (["--max-parallel", "2"], "--max-parallel need --launcher local or slurm"),
+    (["--launcher", "slurm", "--partition", "p", "--poll", "1"], "--poll only applies with --wait"),
+    (["--launcher", "slurm", "--partition", "p", "--wait", "--poll", "0"], "--poll must be a positive number"),
 ])
 def test_bad_launch_options_are_one_line_errors_and_submit_nothing(args, message, tmp_path, monkeypatch, capsys):
     for key, value in fake_slurm.install(tmp_path / "bin", tmp_path / "slurm").items():
@@ -290,7 +292,7 @@ def test_slurm_array_runs_status_resubmits_the_failed_cell_and_collects(syntheti
     assert "voc/frozen/seed1 failed in job 1000_1: HarnessError: cannot read the training checkpoint" in status.stdout
     assert f"(log: {log})" in status.stdout and "cannot read the training checkpoint" in log.read_text()
     broken.unlink()
-    second = harness(*cmd, "--wait", env=env)
+    second = harness(*cmd, "--wait", "--poll", "0.2", env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "voc/frozen/seed1: failed in job 1000_1" in second.stdout and f"resubmitting (log: {log})" in second.stdout
     assert "submitted 1 cell(s) as SLURM job 1001: 1001" in second.stdout
