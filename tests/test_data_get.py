@@ -21,7 +21,7 @@ from harness.datasets.roots import check_data_root
 from harness.datasets.synthetic import write_synthetic
 from harness.errors import HarnessError
 from tests.loopback import Loopback
-from tests.support import run_cli
+from tests.support import SMALL_ARCH, run_cli
 
 SIZES = {"coco_train": 6, "coco_val": 3, "voc07_trainval": 6, "voc07_test": 4, "voc12_train": 6, "voc12_val": 4,
          "voc12_aug_extra": 4, "min_side": 64, "max_side": 96}
@@ -231,8 +231,8 @@ def test_cli_get_then_check_then_eval(tmp_path, source, monkeypatch, capsys):
     seg["profiles"]["smoke"].update({"iterations": 3, "batch_size": 2, "warmup_iters": 1, "train_images": 4,
                                      "checkpoint_period": 2})
     (cards / "seg.yaml").write_text(yaml.safe_dump(seg))
-    ev = run("eval", "--backbone", "random:resnet18", "--tasks", "seg", "--protocols", "frozen", "--profile", "smoke",
-             "--data-root", tmp_path / "data", "--out", tmp_path / "run", "--device", "cpu", "--no-progress",
+    ev = run("eval", "--backbone", f"random:{SMALL_ARCH}", "--tasks", "seg", "--protocols", "frozen", "--profile",
+             "smoke", "--data-root", tmp_path / "data", "--out", tmp_path / "run", "--device", "cpu", "--no-progress",
              HARNESS_TASKS=str(cards))
     assert ev.returncode == 0, ev.stderr[-2000:]
     result = json.loads((tmp_path / "run/seg/frozen/seed0/result.json").read_text())

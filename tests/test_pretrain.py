@@ -29,6 +29,7 @@ from harness.pretrain import (
     sigmoid_loss,
     softmax_loss,
 )
+from tests.support import SMALL_ARCH
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -352,7 +353,7 @@ def test_augment_and_model_shapes():
 
 # ----------------------------------------------------------------------------- training
 def _tiny_config(data: Path, out: Path, **kw) -> PretrainConfig:
-    base = dict(data=str(data), arch="resnet18", out=str(out), iterations=4, batch_size=4, lr=0.05,
+    base = dict(data=str(data), arch=SMALL_ARCH, out=str(out), iterations=4, batch_size=4, lr=0.05,
                 image_size=48, warmup_iters=1, checkpoint_period=2, workers=0, progress=False, device="cpu")
     base.update(kw)
     return PretrainConfig(**base)

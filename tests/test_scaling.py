@@ -21,6 +21,7 @@ from harness.scaling import (
     plot_scaling,
     run_scaling,
 )
+from tests.support import SMALL_ARCH
 
 SIZES = [1_000, 3_000, 10_000, 30_000, 100_000]
 
@@ -142,10 +143,10 @@ def test_a_tiny_real_study_end_to_end(tmp_path, monkeypatch, capsys):
     write_pretrain_synthetic(tmp_path / "pre", size=24, label_noise=0.1, image_size=32)
     common = ["--iterations", "2", "--workers", "0", "--image-size", "32"]
     given = tmp_path / "given.safetensors"
-    pretrain(PretrainConfig(data=str(tmp_path / "pre"), arch="resnet18", out=str(given), iterations=2, batch_size=4,
+    pretrain(PretrainConfig(data=str(tmp_path / "pre"), arch=SMALL_ARCH, out=str(given), iterations=2, batch_size=4,
                             image_size=32, workers=0, device="cpu", progress=False))
     study = tmp_path / "study"
-    argv = ["scaling", "--data", str(tmp_path / "pre"), "--arch", "resnet18", "--fractions", "0.25,0.5,1",
+    argv = ["scaling", "--data", str(tmp_path / "pre"), "--arch", SMALL_ARCH, "--fractions", "0.25,0.5,1",
             "--checkpoints", f"1={given}", "--tasks", "seg", "--protocols", "frozen", "--profile", "smoke",
             "--data-root", str(root), "--seeds", "2", "--out", str(study), "--pretrain-batch-size", "4",
             "--device", "cpu", "--no-progress", *common]

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support import SMALL_ARCH
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,7 +67,7 @@ def test_wheel_installed_alone_lists_cards_checks_data_and_runs_a_smoke_eval(tmp
     assert check.returncode == 0 and "MISSING" not in check.stdout, check.stdout + check.stderr
 
     # the shipped smoke card dry-runs from the installed wheel: plan, 2 training steps, 2 predictions
-    dry = harness("eval", "--backbone", "random:resnet18", "--tasks", "seg", "--protocols", "frozen", "--profile",
+    dry = harness("eval", "--backbone", f"random:{SMALL_ARCH}", "--tasks", "seg", "--protocols", "frozen", "--profile",
                   "smoke", "--data-root", data, "--out", tmp_path / "dry", "--device", "cpu", "--no-progress",
                   "--dry-run")
     assert dry.returncode == 0 and "nothing written" in dry.stdout, dry.stdout + dry.stderr[-2000:]
@@ -78,7 +80,7 @@ def test_wheel_installed_alone_lists_cards_checks_data_and_runs_a_smoke_eval(tmp
     seg["profiles"]["smoke"].update({"iterations": 2, "batch_size": 2, "warmup_iters": 1, "train_images": 4,
                                      "checkpoint_period": 2})
     (cards / "seg.yaml").write_text(yaml.safe_dump(seg))
-    ev = harness("eval", "--backbone", "random:resnet18", "--tasks", "seg", "--protocols", "frozen", "--profile",
+    ev = harness("eval", "--backbone", f"random:{SMALL_ARCH}", "--tasks", "seg", "--protocols", "frozen", "--profile",
                  "smoke", "--data-root", data, "--out", tmp_path / "run", "--device", "cpu", "--no-progress",
                  HARNESS_TASKS=str(cards))
     assert ev.returncode == 0, ev.stderr[-2000:]
