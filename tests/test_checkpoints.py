@@ -76,9 +76,11 @@ def r50():
 
 @pytest.fixture()
 def r50_net(r50):
-    """A fresh torchvision ResNet-50 holding the reference weights (tests may modify it)."""
-    net = torchvision.models.resnet50()
-    net.load_state_dict(r50[0])
+    """A fresh torchvision ResNet-50 holding the reference weights (tests may modify it): built on the
+    meta device, as every tensor is then assigned a copy of the reference one."""
+    with torch.device("meta"):
+        net = torchvision.models.resnet50()
+    net.load_state_dict({k: v.clone() for k, v in r50[0].items()}, assign=True)
     return net.eval()
 
 
@@ -477,7 +479,8 @@ def test_resnet50_as_resnet101_fails_naming_missing_keys(tmp_path, r50):
     assert "does not match resnet101" in msg and "missing" in msg and "layer3.6.conv1.weight" in msg
     assert "the checkpoint names resnet50" in msg
     report = inspect_checkpoint(path, arch="resnet101")
-    r101 = torchvision.models.resnet101().state_dict()
+    with torch.device("meta"):  # the names only
+        r101 = torchvision.models.resnet101().state_dict()
     expected = {k for k in r101 if k not in sd and not k.endswith("num_batches_tracked")}
     assert not report["ok"] and set(report["missing"]) == expected and len(expected) == 255
 
@@ -637,7 +640,8 @@ def test_truncated_and_non_checkpoint_files_fail_clearly(tmp_path, r50):
 
 # ----------------------------------------------------------------------------- export
 def test_key_renaming_round_trips():
-    keys = torchvision.models.resnet50().state_dict().keys()
+    with torch.device("meta"):
+        keys = torchvision.models.resnet50().state_dict().keys()
     for k in keys:
         assert d2_to_tv(tv_to_d2(k)) == k
     assert tv_to_d2("layer1.0.downsample.1.running_var") == "res2.0.shortcut.norm.running_var"
