@@ -270,7 +270,8 @@ def test_slurm_submission_and_status_load_no_torch(tmp_path):
 
 @pytest.mark.slow
 def test_slurm_array_runs_status_resubmits_the_failed_cell_and_collects(synthetic_root, tmp_path, capsys, monkeypatch):
-    env = harness_env(tiny_cards(tmp_path / "tasks"), **fake_slurm.install(tmp_path / "bin", tmp_path / "slurm"))
+    # one thread per job: the jobs run beside the other tests, and two threads would spin-wait for each other
+    env = harness_env(tiny_cards(tmp_path / "tasks"), 1, **fake_slurm.install(tmp_path / "bin", tmp_path / "slurm"))
 
     def harness(*args, env):  # in this process: the jobs of the array are the subprocesses here
         return harness_here(capsys, monkeypatch, *args, env=env)
