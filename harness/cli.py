@@ -86,7 +86,7 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--signal-delay", type=int, default=None,
                    help="seconds before the time limit at which a job checkpoints and requeues (default 120)")
     g.add_argument("--wait", action="store_true", help="slurm: show a live table of the cells until all end")
-    g.add_argument("--poll", type=float, default=None, help="seconds between status checks with --wait (default 10)")
+    g.add_argument("--poll", type=float, default=None, help="slurm --wait: seconds between status checks (default 10)")
 
 
 # ----------------------------------------------------------------------------- data

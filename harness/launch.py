@@ -60,7 +60,7 @@ class LaunchOptions:
     constraint: str | None = None
     signal_delay: int | None = None  # seconds between the stop signal and the kill (default 120)
     wait: bool = False
-    poll: float | None = None  # seconds between status checks with --wait (default 10)
+    poll: float | None = None  # slurm --wait: seconds between status checks (default 10)
 
 
 SLURM_ONLY = ("partition", "nodes", "cpus_per_gpu", "mem", "account", "qos", "constraint")
@@ -121,8 +121,8 @@ def check_options(opts: LaunchOptions) -> None:
         raise HarnessError(f"--mem {opts.mem!r} is not a SLURM memory size (e.g. 64G, 500M)")
     if opts.time is not None:
         parse_duration(opts.time)
-    if opts.poll is not None and not opts.wait:
-        raise HarnessError("--poll only applies with --wait")
+    if opts.poll is not None and not (opts.launcher == "slurm" and opts.wait):
+        raise HarnessError("--poll only applies with --launcher slurm --wait")
     if opts.poll is not None and not opts.poll > 0:
         raise HarnessError(f"--poll must be a positive number of seconds, not {opts.poll}")
 
@@ -587,4 +587,4 @@ def _launch_local(plan: EvalPlan, opts: LaunchOptions, cards) -> list[dict]:
     _save(plan, record)
     timeout = parse_duration(opts.time) if opts.time else 30 * 1440
     pool = _LocalPool(plan, record, todo, parallel, gpus, cpu_threads(parallel), timeout, opts.signal_delay or 120)
-    return _watch(plan, record, min(opts.poll or 1.0, 1.0), step=pool)
+    return _watch(plan, record, 1.0, step=pool)  # each round also starts queued cells
