@@ -289,11 +289,23 @@ def test_dry_run_trains_and_predicts_at_the_profile_sizes(task, profile, synthet
     written: one step and one image here (the product's 2 and 2 repeat the same code at full-size cost).
     The backbone is SMALL_ARCH, timm's 0.37M-parameter test_resnet (its odd widths, c4 192 and c5 96, check that the
     heads take their channels from the backbone): the sizes and heads are the profile's, and with
-    ResNet-18 the five cells took 125 s of the suite, the voc C4 head (res5 on 512 RoIs) 46 s of it."""
+    ResNet-18 the five cells took 125 s of the suite, the voc C4 head (res5 on 512 RoIs) 46 s of it.
+    An untrained R-CNN keeps 100 detections, each through the profile's heads (pose: eight 512-channel
+    keypoint convs, 9 of its 20 s); here it keeps 3, which runs the same heads at the same sizes."""
     from harness import runner
 
     monkeypatch.setattr(runner, "DRY_RUN_ITERATIONS", 1)
     monkeypatch.setattr(runner, "DRY_RUN_IMAGES", 1)
+    kind = KINDS[task_card(task).model.kind]
+    build = kind.build_model
+
+    def few_detections(*args, **kwargs):
+        model = build(*args, **kwargs)
+        if hasattr(model, "roi_heads"):
+            model.roi_heads.detections_per_img = 3
+        return model
+
+    monkeypatch.setattr(kind, "build_model", few_detections)
     out = _dry_run([task], profile, synthetic_root, tmp_path / "out", capsys, backbone=f"random:{SMALL_ARCH}")
     assert (f"dry run: {task}/finetune/seed0 " in out
             and "(1 steps, 1 predictions each)" in out)
