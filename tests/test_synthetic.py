@@ -13,6 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from harness.datasets import scenes, shapes
 from harness.datasets import synthetic as syn
 from harness.datasets.voc import VOC_CLASSES, voc_colormap
 from harness.errors import HarnessError
@@ -101,12 +102,12 @@ def test_polygons_reproduce_drawn_pixels_exactly():
     """pycocotools rasterises our polygons back to exactly the visible pixels of each object."""
     for k in range(25):
         rng = syn._rng(123, "poly", k)
-        scene = syn.render_scene(rng, 150, 130, syn.VOC_CLASSES, 5, crowd=k % 3 == 0)
-        for a in syn.annotate(scene):
+        scene = scenes.render_scene(rng, 150, 130, syn.VOC_CLASSES, 5, crowd=k % 3 == 0)
+        for a in scenes.annotate(scene):
             if a.crowd:
-                rle = mask_utils.frPyObjects(syn.mask_rle(a.mask), 130, 150)
+                rle = mask_utils.frPyObjects(scenes.mask_rle(a.mask), 130, 150)
             else:
-                rle = mask_utils.merge(mask_utils.frPyObjects(syn.mask_polygons(a.mask), 130, 150))
+                rle = mask_utils.merge(mask_utils.frPyObjects(scenes.mask_polygons(a.mask), 130, 150))
             np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), a.mask)
             x0, y0, x1, y1 = a.box
             assert a.mask[y0, :].any() and a.mask[y1, :].any() and a.mask[:, x0].any() and a.mask[:, x1].any()
@@ -119,7 +120,7 @@ def test_coco_keypoints(root):
         inst, kp = _coco(root, "instances", split), _coco(root, "person_keypoints", split)
         assert kp.imgs.keys() == inst.imgs.keys()
         (cat,) = kp.cats.values()
-        assert cat["id"] == 1 and cat["keypoints"] == list(syn.COCO_KEYPOINTS) and len(cat["skeleton"]) == 19
+        assert cat["id"] == 1 and cat["keypoints"] == list(shapes.COCO_KEYPOINTS) and len(cat["skeleton"]) == 19
         persons = {a["id"] for a in inst.anns.values() if a["category_id"] == 1}
         assert set(kp.anns) == persons
         for ann in kp.anns.values():
@@ -141,7 +142,7 @@ def test_coco_keypoints(root):
 def test_figure_keypoints_are_anatomical():
     rng = np.random.default_rng(0)
     for _ in range(50):
-        _, marks, k, labelled, pose = syn._figure(rng, 100.0, 100.0, 80.0)
+        _, marks, k, labelled, pose = shapes.stick_figure(rng, 100.0, 100.0, 80.0)
         # face, hands and feet are drawn where their keypoints are (within a limb width)
         centres = np.array([np.asarray(m).mean(0) for m in marks])
         marked = [0] + [j for j in (1, 2, 3, 4) if labelled[j]] + [9, 10, 15, 16]
@@ -270,7 +271,7 @@ def test_pretrain_images_are_object_centric():
     """Object-centric scenes (``half_range``) keep each object's centre in the middle of the image."""
     centres = []
     for i in range(40):
-        scene = syn.render_scene(np.random.default_rng(i), 64, 64, syn.VOC_CLASSES, 2, checks=False,
+        scene = scenes.render_scene(np.random.default_rng(i), 64, 64, syn.VOC_CLASSES, 2, checks=False,
                                  half_range=(0.2, 0.45))
         for obj in scene.objects:
             ys, xs = np.nonzero(obj.mask)
@@ -285,9 +286,9 @@ def test_pretrain_labels_name_objects_at_least_40_percent_visible(tmp_path):
     for i, row in enumerate(rows):
         # the same scene again: write_pretrain_synthetic draws image i from the stream (seed, "pretrain", i)
         rng = syn._rng(1, "pretrain", i)
-        scene = syn.render_scene(rng, 48, 48, syn.VOC_CLASSES, 1 if rng.random() < 0.6 else 2, checks=False,
+        scene = scenes.render_scene(rng, 48, 48, syn.VOC_CLASSES, 1 if rng.random() < 0.6 else 2, checks=False,
                                  half_range=(0.2, 0.45))
-        recognisable = {a.cls for a in syn.annotate(scene) if not a.difficult}
+        recognisable = {a.cls for a in scenes.annotate(scene) if not a.difficult}
         assert set(row["labels"]) == recognisable, row
     assert sum(bool(r["labels"]) for r in rows) >= 25
 
@@ -295,7 +296,7 @@ def test_pretrain_labels_name_objects_at_least_40_percent_visible(tmp_path):
 def test_the_vocabulary_is_the_devkit_classes_and_colours():
     """The synthetic VOC sets draw the devkit's 20 classes in its order, painted in its colour map
     (devkit labelcolormap.m: aeroplane (128, 0, 0), person (192, 128, 128), 255 (224, 224, 192))."""
-    assert tuple(c.name for c in syn.VOCAB) == VOC_CLASSES and syn.VOC_CLASSES is VOC_CLASSES
+    assert tuple(c.name for c in shapes.VOCAB) == VOC_CLASSES and syn.VOC_CLASSES is VOC_CLASSES
     cmap = voc_colormap()
     assert cmap.shape == (256, 3) and tuple(cmap[0]) == (0, 0, 0)
     assert tuple(cmap[1]) == (128, 0, 0) and tuple(cmap[15]) == (192, 128, 128) and tuple(cmap[255]) == (224, 224, 192)
