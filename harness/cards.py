@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from harness.errors import HarnessError, first_problem
+from harness.errors import HarnessError, first_problem, one_line
 from harness.kinds import KINDS
 
 PROFILES = ("full", "short", "smoke")
@@ -230,7 +230,7 @@ def load_card(path: str | Path) -> TaskCard:
     except FileNotFoundError:
         raise HarnessError(f"task card not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise HarnessError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise HarnessError(f"{path}: not valid YAML ({one_line(exc)})") from None
     try:
         return TaskCard.model_validate(data)
     except ValidationError as exc:
@@ -316,7 +316,7 @@ def backbone_card(name: str) -> BackboneCard:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise HarnessError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise HarnessError(f"{path}: not valid YAML ({one_line(exc)})") from None
     try:
         card = BackboneCard.model_validate(data)
     except ValidationError as exc:

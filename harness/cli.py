@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from harness import __version__
-from harness.errors import HarnessError, one_line_warnings
+from harness.errors import HarnessError, one_line, one_line_warnings
 
 
 def _print_json(obj) -> None:
@@ -159,7 +159,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(format_inspection(report))
     if not report["ok"]:  # incomplete match: the lists are above, the one-line reason on stderr
-        print(f"harness: error: {' '.join(report['summary'].split())}", file=sys.stderr)
+        print(f"harness: error: {one_line(report['summary'])}", file=sys.stderr)
         return 2
     return 0
 
@@ -326,7 +326,8 @@ def _cmd_leaderboard_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_leaderboard_render(args: argparse.Namespace) -> int:
-    from harness.leaderboard import leaderboard_dir, stale_files, write_render
+    from harness.leaderboard import leaderboard_dir
+    from harness.leaderboard_render import stale_files, write_render
 
     board = leaderboard_dir(args.dir)
     if args.check:
@@ -344,7 +345,7 @@ def _cmd_leaderboard_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_leaderboard_make_reference(args: argparse.Namespace) -> int:
-    from harness.leaderboard import make_reference
+    from harness.nightly import make_reference
 
     ref = make_reference(Path(args.results), sigmas=args.sigmas, floor=args.floor)
     out = Path(args.out)
@@ -355,7 +356,7 @@ def _cmd_leaderboard_make_reference(args: argparse.Namespace) -> int:
 
 
 def _cmd_leaderboard_check_reference(args: argparse.Namespace) -> int:
-    from harness.leaderboard import check_reference, load_reference
+    from harness.nightly import check_reference, load_reference
 
     checks = check_reference(Path(args.results), load_reference(Path(args.reference)))
     for check in checks:
@@ -541,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         with one_line_warnings():
             return args.func(args)
     except HarnessError as exc:
-        message = " ".join(str(exc).split())  # always one line
+        message = one_line(exc)
         print(f"harness: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,6 +9,11 @@ import sys
 import warnings
 
 
+def one_line(text: object) -> str:
+    """``text`` on one line: every run of whitespace, newlines included, as one space."""
+    return " ".join(str(text).split())
+
+
 class HarnessError(Exception):
     """A user-facing error: its message is the whole story, printed on one line."""
 
@@ -28,7 +33,7 @@ def one_line_warnings():
             if not issubclass(category, HarnessWarning):
                 return previous(message, category, filename, lineno, file, line)
             try:
-                (sys.stderr if file is None else file).write(f"harness: warning: {' '.join(str(message).split())}\n")
+                (sys.stderr if file is None else file).write(f"harness: warning: {one_line(message)}\n")
             except OSError:  # stderr gone: warnings' own display ignores it too
                 pass
 

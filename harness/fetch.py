@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
 from harness.files import write_json_atomic
 
 CACHE_ENV = "HARNESS_CACHE"
@@ -132,7 +132,7 @@ def _one_line(exc: BaseException) -> str:
     response = getattr(exc, "response", None)
     if response is not None:
         return f"HTTP {response.status_code} {response.reason}"
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = one_line(exc) or type(exc).__name__
     return text if len(text) < 200 else text[:197] + "..."
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import submitit
 
 from harness.datasets.synthetic import write_synthetic_once
-from harness.errors import HarnessError, one_line_warnings
+from harness.errors import HarnessError, one_line, one_line_warnings
 from harness.files import write_json_atomic
 from harness.plan import EvalPlan, check_plan, collect, run_dir, synthetic_data_dir
 
@@ -163,7 +163,7 @@ def slurm_states(job_ids) -> dict[str, str]:
         raise HarnessError("squeue not found: the state of SLURM jobs needs SLURM's client tools on PATH")
     done = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(bases)], capture_output=True, text=True)
     if done.returncode != 0 and "invalid job id" not in done.stderr.lower():
-        raise HarnessError(f"squeue failed: {' '.join(done.stderr.split()) or done.returncode}")
+        raise HarnessError(f"squeue failed: {one_line(done.stderr) or done.returncode}")
     states = {}
     for line in done.stdout.splitlines():
         parts = line.split()
@@ -226,7 +226,7 @@ def release_lock(cell_dir: Path, job_id: str) -> None:
 
 # ----------------------------------------------------------------------------- the job
 def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+    return one_line(f"{type(exc).__name__}: {exc}")[:500]
 
 
 class CellJob(submitit.helpers.Checkpointable):
@@ -518,7 +518,7 @@ def _launch_slurm(plan: EvalPlan, opts: LaunchOptions, cards) -> list[dict]:
             with executor.batch():
                 jobs = [executor.submit(CellJob(plan, *cell)) for cell in todo]
         except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as err:
-            raise HarnessError(f"sbatch refused the job array: {' '.join(str(err).split())[:400]}") from None
+            raise HarnessError(f"sbatch refused the job array: {one_line(err)[:400]}") from None
         for cell, job in zip(todo, jobs):
             record["cells"][cell_name(cell)] = {"job_id": str(job.job_id), "log": str(job.paths.stdout),
                                                 "host": None}

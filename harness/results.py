@@ -155,6 +155,15 @@ def read_result(path: Path) -> Result:
         raise HarnessError(f"{path}: not a harness result ({first_problem(exc)})") from None
 
 
+def read_seed_results(folder: Path) -> dict[tuple, Result]:
+    """Every per-seed result.json under a run folder, by (task, protocol, profile, seed)."""
+    found = {}
+    for path in sorted(Path(folder).rglob("result.json")):
+        r = read_result(path)
+        found[(r.task, r.protocol, r.profile, r.seed)] = r
+    return found
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; 0 for one value)."""
     n = len(values)

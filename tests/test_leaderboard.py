@@ -23,10 +23,11 @@ import yaml
 
 from harness import __version__
 from harness import leaderboard as lb
+from harness import leaderboard_render, nightly
 from harness.cards import all_cards
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.results import Result, read_results, summarize, write_result, write_results
+from harness.results import MetricStats, Result, read_results, summarize, write_result, write_results
 from tests.support import Browser, chromium
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_committed_schema_equals_a_fresh_export():
 
 
 def test_committed_leaderboard_equals_a_fresh_render(capsys):
-    assert lb.stale_files(REPO / "leaderboard") == []
+    assert leaderboard_render.stale_files(REPO / "leaderboard") == []
     assert main(["leaderboard", "render", "--check", "--dir", str(REPO / "leaderboard")]) == 0
     assert main(["leaderboard", "validate", "--dir", str(REPO / "leaderboard")]) == 0
 
@@ -273,7 +274,7 @@ def test_results_under_an_older_card_are_shown_apart(board, tmp_path, capsys):
     assert main(["leaderboard", "validate", "--dir", str(board)]) == 0
     out = capsys.readouterr().out
     assert f"note: {path}: results[0].card_hash: made under an older coco card" in out
-    files = lb.render(board, CARDS)
+    files = leaderboard_render.render(board, CARDS)
     readme = files["README.md"]
     measured, older = readme.split("## Older card version (full schedule)")
     old_rows = [line for line in older.splitlines() if line.startswith("| Old coco")]
@@ -303,7 +304,7 @@ def test_render_sorts_by_coco_ap_and_shows_mean_and_std(board, tmp_path):
     add_entry(board, tmp_path, "Bottom", level=35.25)
     add_entry(board, tmp_path, "No COCO", tasks=("voc", "seg"), level=50.0)
     add_entry(board, tmp_path, "Short one", profile="short", offsets=(0.0,), level=55.0)
-    files = lb.render(board, CARDS)
+    files = leaderboard_render.render(board, CARDS)
     readme = files["README.md"]
     assert HEADER in readme
     table = _table(readme, "Measured (full schedule)")
@@ -353,7 +354,7 @@ REPORTED = {"reported": [{
 def test_reported_rows_stay_apart_and_marked(board, tmp_path):
     (board / "reported.yaml").write_text(yaml.safe_dump(REPORTED))
     add_entry(board, tmp_path, "Measured", level=40.0)
-    files = lb.render(board, CARDS)
+    files = leaderboard_render.render(board, CARDS)
     readme = files["README.md"]
     measured = _table(readme, "Measured (full schedule)")
     assert [row[0] for row in measured[2:]] == ["Measured"]  # 99.0 would rank first if mixed in
@@ -367,7 +368,7 @@ def test_reported_rows_stay_apart_and_marked(board, tmp_path):
     bad["reported"][0]["results"][0]["metrics"]["AP"] = 120.0
     (board / "reported.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(HarnessError, match=r"reported\[0\]\.results\[0\]\.metrics\.AP: 120.0 is outside 0..100"):
-        lb.render(board, CARDS)
+        leaderboard_render.render(board, CARDS)
 
 
 def test_the_committed_reported_rows_cite_a_source():
@@ -379,7 +380,7 @@ def test_the_committed_reported_rows_cite_a_source():
 def test_page_is_self_contained(board, tmp_path):
     (board / "reported.yaml").write_text(yaml.safe_dump(REPORTED))
     add_entry(board, tmp_path, "A <b>bold</b> & risky name", level=40.0)
-    page = lb.render(board, CARDS)["index.html"]
+    page = leaderboard_render.render(board, CARDS)["index.html"]
     assert "default-src 'none'" in page
     for needle in ("<link", " src=", "url(", "@import", "<img", "<iframe"):
         assert needle not in page
@@ -446,53 +447,53 @@ def test_empty_page_opens_in_headless_chromium(board, browser):
 
 # ----------------------------------------------------------------------------- nightly reference
 def test_tolerance_comes_from_the_seed_spread():
-    ref = lb.MetricStats(mean=40.0, std=0.3, values=[39.7, 40.0, 40.3])
-    assert lb.tolerance(ref, 1, 3.0, 0.2) == pytest.approx(3 * 0.3 * (1 / 3 + 1) ** 0.5)
-    assert lb.tolerance(ref, 3, 3.0, 0.2) == pytest.approx(3 * 0.3 * (2 / 3) ** 0.5)
-    assert lb.tolerance(lb.MetricStats(mean=40.0, std=0.0, values=[40.0] * 3), 1, 3.0, 0.2) == 0.2
+    ref = MetricStats(mean=40.0, std=0.3, values=[39.7, 40.0, 40.3])
+    assert nightly.tolerance(ref, 1, 3.0, 0.2) == pytest.approx(3 * 0.3 * (1 / 3 + 1) ** 0.5)
+    assert nightly.tolerance(ref, 3, 3.0, 0.2) == pytest.approx(3 * 0.3 * (2 / 3) ** 0.5)
+    assert nightly.tolerance(MetricStats(mean=40.0, std=0.0, values=[40.0] * 3), 1, 3.0, 0.2) == 0.2
 
 
 def test_reference_check_passes_within_and_fails_outside_the_tolerance(tmp_path, capsys):
     ref_results = fabricate_run(tmp_path / "ref", profile="short")  # per-seed std 0.3 everywhere
     ref_path = tmp_path / "reference" / "r50.json"
     assert main(["leaderboard", "make-reference", "--results", str(ref_results), "--out", str(ref_path)]) == 0
-    ref = lb.load_reference(ref_path)
+    ref = nightly.load_reference(ref_path)
     assert len(ref.runs) == 8 and set(ref.runs[0].metrics) == set(CARDS[ref.runs[0].task].metric.columns)
     tol = 3 * 0.3 * (1 / 3 + 1) ** 0.5  # about 1.04 for one nightly seed
 
-    def nightly(name, **shift):
+    def nightly_run(name, **shift):
         shifts = {("coco", "finetune", "AP"): shift.get("coco", 0.0), ("seg", "frozen", "mIoU"): shift.get("seg", 0.0)}
         return fabricate_run(tmp_path / name, profile="short", offsets=(0.0,), shift=shifts)
 
     capsys.readouterr()
-    same = nightly("same", coco=-0.9, seg=0.9)  # inside the tolerance both ways
+    same = nightly_run("same", coco=-0.9, seg=0.9)  # inside the tolerance both ways
     assert main(["leaderboard", "check-reference", "--results", str(same), "--reference", str(ref_path)]) == 0
     assert "all " in capsys.readouterr().out
-    worse = nightly("worse", coco=-(tol + 0.1))
+    worse = nightly_run("worse", coco=-(tol + 0.1))
     assert main(["leaderboard", "check-reference", "--results", str(worse), "--reference", str(ref_path)]) == 1
     out = capsys.readouterr()
     failed = [line for line in out.out.splitlines() if not line.endswith(" ok")]
     assert len(failed) == 1 and failed[0].startswith("coco/finetune/short") and failed[0].endswith("below")
     n_checks = sum(len(CARDS[t].metric.columns) * len(CARDS[t].protocols) for t in ("coco", "voc", "seg", "pose"))
     assert " AP " in failed[0] and f"1 of {n_checks} check(s) outside" in out.err
-    better = nightly("better", seg=tol + 0.1)
+    better = nightly_run("better", seg=tol + 0.1)
     assert main(["leaderboard", "check-reference", "--results", str(better), "--reference", str(ref_path)]) == 1
-    assert [c.status for c in lb.check_reference(better, ref) if c.failed] == ["above"]
+    assert [c.status for c in nightly.check_reference(better, ref) if c.failed] == ["above"]
 
 
 def test_reference_check_fails_on_missing_runs_changed_cards_and_other_backbones(tmp_path):
-    ref = lb.make_reference(fabricate_run(tmp_path / "ref", profile="short"))
+    ref = nightly.make_reference(fabricate_run(tmp_path / "ref", profile="short"))
     partial = fabricate_run(tmp_path / "partial", profile="short", offsets=(0.0,), tasks=("coco", "voc", "seg"))
-    assert sorted(c.run for c in lb.check_reference(partial, ref) if c.failed) == ["pose/finetune/short",
+    assert sorted(c.run for c in nightly.check_reference(partial, ref) if c.failed) == ["pose/finetune/short",
                                                                                   "pose/frozen/short"]
     changed = fabricate_run(tmp_path / "changed", profile="short", offsets=(0.0,))
     data = json.loads(changed.read_text())
     data["runs"][0]["card_hash"] = "1" * 64
     changed.write_text(json.dumps(data))
-    assert [c.status for c in lb.check_reference(changed, ref) if c.failed] == ["card changed: re-record the reference"]
+    assert [c.status for c in nightly.check_reference(changed, ref) if c.failed] == ["card changed: re-record the reference"]
     other = fabricate_run(tmp_path / "other", profile="short", offsets=(0.0,), sha="cd" * 32)
     with pytest.raises(HarnessError, match="is not the reference's"):
-        lb.check_reference(other, ref)
+        nightly.check_reference(other, ref)
 
 
 @pytest.mark.parametrize("kind, message", [
@@ -503,7 +504,7 @@ def test_reference_check_fails_on_missing_runs_changed_cards_and_other_backbones
 def test_make_reference_refuses(tmp_path, kind, message):
     run = {"one seed": dict(offsets=(0.0,)), "smoke": dict(profile="smoke"), "synthetic": dict(synthetic=True)}[kind]
     with pytest.raises(HarnessError, match=message):
-        lb.make_reference(fabricate_run(tmp_path / "run", **run))
+        nightly.make_reference(fabricate_run(tmp_path / "run", **run))
 
 
 # ----------------------------------------------------------------------------- results.json versions
@@ -519,8 +520,8 @@ def test_results_json_without_a_schema_version_reads_and_submits_the_same(board,
     day = dt.date(2026, 1, 2)
     subs = [lb.build_submission(p, name="R50", pretraining_data="IN-1k", today=day) for p in (old, current)]
     assert subs[0] == subs[1] and subs[0].results[0].metrics["AP"].values == data["runs"][0]["metrics"]["AP"]["values"]
-    ref = lb.make_reference(current)
-    assert [str(c) for c in lb.check_reference(old, ref)] == [str(c) for c in lb.check_reference(current, ref)]
+    ref = nightly.make_reference(current)
+    assert [str(c) for c in nightly.check_reference(old, ref)] == [str(c) for c in nightly.check_reference(current, ref)]
 
 
 def test_results_json_of_a_newer_harness_or_another_file_is_a_one_line_error(tmp_path):
@@ -531,7 +532,7 @@ def test_results_json_of_a_newer_harness_or_another_file_is_a_one_line_error(tmp
         read_results(path)
     seed = tmp_path / "run" / "coco" / "finetune" / "seed0" / "result.json"
     with pytest.raises(HarnessError, match="not a harness results.json \\(needs backbone and runs\\)"):
-        lb.make_reference(seed)
+        nightly.make_reference(seed)
     path.write_text(json.dumps({**data, "runs": [{**data["runs"][0], "seeds": "0,1,2"}]}))
     with pytest.raises(HarnessError, match=r"not a harness results.json \(runs\[0\].seeds: "):
         read_results(path)

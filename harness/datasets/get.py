@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from harness.errors import HarnessError, first_problem
+from harness.errors import HarnessError, first_problem, one_line
 from harness.fetch import fetch, free_bytes, parse_checksum
 from harness.files import write_text_atomic
 
@@ -65,7 +65,7 @@ def load_registry(path: str | Path | None = None) -> Registry:
     except FileNotFoundError:
         raise HarnessError(f"data registry not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise HarnessError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise HarnessError(f"{path}: not valid YAML ({one_line(exc)})") from None
     except ValidationError as exc:
         raise HarnessError(f"{path}: {first_problem(exc)}") from None
     for name, entry in reg.datasets.items():
