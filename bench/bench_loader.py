@@ -28,7 +28,7 @@ from harness.backbones import build_backbone
 from harness.cards import task_card
 from harness.datasets import images as image_io
 from harness.datasets.synthetic import write_synthetic
-from harness.engine import sample_seed
+from harness.batches import sample_seed
 from harness.models.detection import make_transform
 from harness.kinds import KINDS
 from harness.runner import task_data

@@ -39,7 +39,8 @@ from torch.utils.data import DistributedSampler
 
 from harness.datasets.synthetic import write_pretrain_synthetic
 from harness.backbones import build_backbone
-from harness.engine import sample_seed, seed_everything, train
+from harness.batches import sample_seed
+from harness.engine import seed_everything, train
 from harness.datasets.pretraining import open_pretrain_data
 from harness.datasets.shards import write_shards
 from harness.pretrain import PretrainAugment, PretrainConfig, PretrainModel, pretrain, train_schedule

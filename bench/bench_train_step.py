@@ -26,7 +26,8 @@ from torch.utils.data import DistributedSampler
 from harness.backbones import build_backbone
 from harness.datasets.synthetic import write_synthetic
 from harness.datasets.voc import VOCDetection
-from harness.engine import TrainConfig, collate_pairs, default_precision, sample_seed, seed_everything, train
+from harness.batches import collate_pairs, sample_seed
+from harness.engine import TrainConfig, default_precision, seed_everything, train
 from harness.models.detection import build_detector, detection_train_augment
 
 

@@ -7,7 +7,7 @@ harness's batches are lists (images of different sizes, one target dict per imag
 batch is 64 tensors. One worker produces batches of `--batch` random `--side` px images, each with a
 20-way label tensor; the training process does about 0.3 s of matrix products between batches (so
 the worker is always ahead) and times only its `next()` calls. Compared: the plain lists
-(`harness.engine.collate_pairs`), the packed batch (`pack_batch` in the worker, `unpack_batch` in
+(`harness.batches.collate_pairs`), the packed batch (`pack_batch` in the worker, `unpack_batch` in
 the training process, as the engine does with workers) and, for reference, one stacked tensor.
 """
 
@@ -19,7 +19,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from harness.engine import collate_pairs, pack_batch, unpack_batch
+from harness.batches import collate_pairs, pack_batch, unpack_batch
 
 
 class RandomImages(Dataset):

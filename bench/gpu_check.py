@@ -45,7 +45,8 @@ from torch.utils.data import DistributedSampler, Subset
 from harness.backbones import build_backbone
 from harness.cards import all_cards, task_card
 from harness.datasets.synthetic import write_synthetic
-from harness.engine import TrainConfig, collate_pairs, predict, sample_seed, seed_everything, train
+from harness.batches import collate_pairs, sample_seed
+from harness.engine import TrainConfig, predict, seed_everything, train
 from harness.kinds import KINDS
 from harness.protocols import apply_protocol
 from harness.runner import task_data

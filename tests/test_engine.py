@@ -19,7 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from harness.engine import TrainConfig, lr_factor, pack_batch, predict, sample_seed, train, unpack_batch
+from harness.batches import pack_batch, sample_seed, unpack_batch
+from harness.engine import TrainConfig, lr_factor, predict, train
 from harness.errors import HarnessError
 from harness.models.detection import detection_train_augment
 from harness.protocols import apply_protocol

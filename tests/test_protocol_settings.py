@@ -379,8 +379,8 @@ def test_aspect_ratio_grouping_batches_landscape_and_portrait_apart_and_resumes(
     # a run resumed at iteration 7 (its checkpoint) reads the same batches from there on
     from torch.utils.data import DistributedSampler
 
-    from harness.engine import _ScheduleBatches
+    from harness.batches import ScheduleBatches
 
     sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
-    resumed = [[k for _, k in b] for b in _ScheduleBatches(sampler, 4, 7, 20, groups)]
+    resumed = [[k for _, k in b] for b in ScheduleBatches(sampler, 4, 7, 20, groups)]
     assert resumed == whole.batches[7:]
