@@ -3,8 +3,8 @@
 The order of epoch ``e`` is a DistributedSampler permutation seeded by ``(seed, e)`` (``ScheduleBatches``,
 with detectron2's aspect-ratio grouping); each sample's augmentation draws from a generator seeded by
 ``(seed, e, index)`` (``TrainView``), so a resumed run reads the same batches. With loader workers a
-batch is packed into one shared-memory buffer in the worker and unpacked in the training process
-(``pack_batch``, ``unpack_batch``), which costs one handoff instead of one per tensor.
+batch is packed into one flat buffer per dtype in the worker and unpacked as views in the training
+process (``pack_batch``, ``unpack_batch``): one shared-memory handoff per buffer, not one per tensor.
 """
 
 from __future__ import annotations
