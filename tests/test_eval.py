@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.support import SMALL_ARCH, run_cli
 from tests.support import tiny_cards as write_tiny_cards
@@ -81,6 +82,14 @@ def test_eval_coco_and_pose_on_synthetic(tiny, synthetic_root, tmp_path, capsys)
     own = lines[lines.index(f"{out / 'pose/frozen/seed0'}, its own boxes and keypoints (as harness eval):") + 1]
     assert own.split()[:2] == ["AP", f"{pose['metrics']['AP']:.2f}"]
     assert any(line.endswith("its keypoint head on the true boxes:") for line in lines)
+    # the demo's profile rebuilds both cells, times their checkpoint writes, prediction and scoring,
+    # and reproduces every recorded metric
+    breakdown = runpy.run_path(str(ROOT / "bench" / "demo_breakdown.py"))["main"]
+    assert breakdown([str(out), "--data", str(synthetic_root), "--repeat", "1", "--no-startup",
+                      "--threads", str(torch.get_num_threads())]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "/seed0 |" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| coco/frozen/seed0", "| pose/frozen/seed0"]
+    assert all(row.endswith("| yes |") for row in rows)
 
 
 @pytest.mark.slow
