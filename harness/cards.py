@@ -176,6 +176,11 @@ class Profile(_Strict):
             raise ValueError(f"steps {self.steps} must increase and lie below iterations {self.iterations}")
         return self
 
+    def rescaled(self, n: int, batch_size: int | None) -> int:
+        """``n`` iterations of this schedule at another total batch, keeping its epochs (detectron2's
+        ``auto_scale_workers``)."""
+        return int(round(n / ((batch_size or self.batch_size) / self.batch_size)))
+
 
 class ReferenceSpeed(_Strict):
     """Published training speed of the card's reference model, for the dry-run's GPU-hour estimate."""

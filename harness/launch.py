@@ -28,6 +28,7 @@ from pathlib import Path
 import submitit
 
 from harness.datasets.synthetic import write_synthetic_once
+from harness.cards import task_card
 from harness.errors import HarnessError, one_line, one_line_warnings
 from harness.files import write_json_atomic
 from harness.plan import EvalPlan, check_plan, collect, run_dir, synthetic_data_dir
@@ -39,6 +40,7 @@ FAILED_FILE = "failed.json"
 JOBS_DIR = "jobs"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 MAX_TIMEOUTS = 50  # requeues after reaching the time limit (preemptions do not count)
+PROGRESS_EVERY = 60.0  # seconds between lines on the running cells' progress while the table is unchanged
 SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
 
@@ -369,6 +371,61 @@ def format_status(statuses: list[CellStatus]) -> str:
     return "\n".join(lines)
 
 
+def cell_iterations(plan: EvalPlan) -> dict[str, int]:
+    """Training iterations of each task's cells under the plan's profile and total batch (tasks whose
+    card is no longer installed are left out: their progress shows without a total)."""
+    out = {}
+    for task in plan.tasks:
+        try:
+            p = task_card(task).profile(plan.profile)
+        except HarnessError:
+            continue
+        out[task] = max(1, p.rescaled(p.iterations, plan.batch_size))
+    return out
+
+
+def last_logged(metrics: Path) -> tuple[int, float] | None:
+    """(iteration, seconds per iteration) of the last complete line of a cell's ``metrics.jsonl``;
+    None before its first line."""
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):  # the last line may be half written
+        try:
+            row = json.loads(line)
+            return int(row["iter"]), float(row["time"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def format_progress(plan: EvalPlan, statuses: list[CellStatus], iterations: dict[str, int]) -> str | None:
+    """One line on the running cells: each one's last logged iteration, pace and training time left."""
+    parts = []
+    for s in statuses:
+        if s.state != "running":
+            continue
+        logged = last_logged(run_dir(plan.out, *s.cell) / "metrics.jsonl")
+        if logged is None:
+            parts.append(f"{cell_name(s.cell)} starting")
+            continue
+        done, pace = logged
+        total = iterations.get(s.cell[0])
+        if total is None:
+            parts.append(f"{cell_name(s.cell)} iteration {done} ({pace:.2f} s/it)")
+            continue
+        left = max(total - done, 0) * pace
+        parts.append(f"{cell_name(s.cell)} iteration {done}/{total} ({pace:.2f} s/it, about "
+                     f"{_duration(left)} of training left)")
+    return "running: " + "; ".join(parts) if parts else None
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes >= 1 else f"{max(1, round(seconds))} s"
+
+
 def _finish(plan: EvalPlan, statuses: list[CellStatus]) -> list[dict]:
     """Collect when every cell is done (results.json + the rows); [] otherwise."""
     if all(s.state == "done" for s in statuses):
@@ -385,22 +442,31 @@ def show_status(out: Path, watch: bool = False, poll: float = 10.0) -> list[dict
 
 def _show_once(plan, record) -> list[dict]:
     statuses = cell_states(plan, record)
-    print(format_status(statuses), flush=True)
+    progress = format_progress(plan, statuses, cell_iterations(plan))
+    print(format_status(statuses) + (f"\n{progress}" if progress else ""), flush=True)
     return _finish(plan, statuses)
 
 
 def _watch(plan: EvalPlan, record: dict, poll: float, step=None) -> list[dict]:
-    """Print the table whenever it changes, until no cell is pending or running; ``step()`` runs first
-    in every round (the local launcher starts its next cells there)."""
-    shown = None
+    """Print the table whenever it changes, and between changes a line on the running cells' progress
+    every PROGRESS_EVERY seconds, until no cell is pending or running; ``step()`` runs first in every
+    round (the local launcher starts its next cells there)."""
+    shown, iterations = None, cell_iterations(plan)
+    last = time.monotonic()
     while True:
         if step is not None:
             step()
         statuses = cell_states(plan, record)
         table = format_status(statuses)
+        now = dt.datetime.now().strftime('%H:%M:%S')
         if table != shown:
-            print(f"[{dt.datetime.now().strftime('%H:%M:%S')}]\n{table}", flush=True)
-            shown = table
+            print(f"[{now}]\n{table}", flush=True)
+            shown, last = table, time.monotonic()
+        elif time.monotonic() - last >= PROGRESS_EVERY:
+            progress = format_progress(plan, statuses, iterations)
+            if progress:
+                print(f"[{now}] {progress}", flush=True)
+            last = time.monotonic()
         if not any(s.state in ("pending", "running") for s in statuses) and (step is None or step.idle()):
             break
         time.sleep(poll)

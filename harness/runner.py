@@ -60,7 +60,7 @@ def train_config(card: TaskCard, profile_name: str, seed: int, batch_size: int |
     p = card.profile(profile_name)
     batch = batch_size or p.batch_size
     scale = batch / p.batch_size
-    rescale = lambda n: int(round(n / scale))  # noqa: E731
+    rescale = lambda n: p.rescaled(n, batch)  # noqa: E731
     return TrainConfig(
         iterations=max(1, rescale(p.iterations)), batch_size=batch, lr=p.lr * scale, momentum=p.momentum,
         weight_decay=p.weight_decay, warmup_iters=rescale(p.warmup_iters), warmup_factor=p.warmup_factor,

@@ -148,6 +148,56 @@ def test_local_pool_starts_the_longest_cells_first():
         "seg/frozen/seed0", "seg/frozen/seed1", "voc/frozen/seed0", "voc/frozen/seed1"]
 
 
+def _metrics_lines(run: Path, rows: list[dict], tail: str = "") -> None:
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def test_progress_line_gives_each_running_cell_its_iteration_pace_and_training_time_left(tmp_path):
+    from harness.cards import task_card
+    from harness.runner import train_config
+
+    for batch in (None, 8):  # the totals are what the cells train, also at another batch
+        plan = EvalPlan(backbone="random:resnet18", tasks=["voc", "pose"], profile="smoke", out=tmp_path, batch_size=batch)
+        assert launch.cell_iterations(plan) == {t: train_config(task_card(t), "smoke", 0, batch).iterations
+                                                for t in plan.tasks}
+    assert launch.cell_iterations(plan)["pose"] == task_card("pose").profile("smoke").iterations // 2
+    _metrics_lines(launch.run_dir(tmp_path, "pose", "finetune", 0),
+                   [{"iter": 20, "loss": 2.0, "lr": 0.02, "time": 0.5}, {"iter": 40, "loss": 1.5, "lr": 0.02, "time": 0.6}],
+                   tail='{"iter": 60, "lo')  # a line being written
+    statuses = [launch.CellStatus(("pose", "finetune", 0), "running", "7"),
+                launch.CellStatus(("pose", "frozen", 0), "running", "8"),
+                launch.CellStatus(("voc", "finetune", 0), "done", "9"),
+                launch.CellStatus(("voc", "frozen", 0), "pending", "10")]
+    assert launch.format_progress(plan, statuses, {"pose": 800, "voc": 200}) == (
+        "running: pose/finetune/seed0 iteration 40/800 (0.60 s/it, about 8 min of training left); "
+        "pose/frozen/seed0 starting")
+    assert launch.format_progress(plan, statuses, {}) == (  # a card no longer installed: no total
+        "running: pose/finetune/seed0 iteration 40 (0.60 s/it); pose/frozen/seed0 starting")
+    assert launch.format_progress(plan, statuses[2:], {"pose": 800}) is None
+
+
+def test_watch_prints_progress_while_the_table_stands_still(tmp_path, monkeypatch, capsys):
+    plan = EvalPlan(backbone="random:resnet18", tasks=["pose"], profile="smoke", out=tmp_path)
+    _metrics_lines(launch.run_dir(tmp_path, "pose", "finetune", 0), [{"iter": 780, "loss": 1.0, "lr": 0.002, "time": 0.5}])
+    running = [launch.CellStatus(("pose", "finetune", 0), "running", "7"),
+               launch.CellStatus(("pose", "frozen", 0), "pending", "8")]
+    rounds = iter([running, running, running, [launch.CellStatus(c.cell, "done", c.job_id) for c in running]])
+    monkeypatch.setattr(launch, "cell_states", lambda plan, record: next(rounds))
+    monkeypatch.setattr(launch, "_finish", lambda plan, statuses: [{"collected": True}])
+    monkeypatch.setattr(launch, "PROGRESS_EVERY", 0.0)
+    assert launch._watch(plan, {}, 0.0) == [{"collected": True}]
+    lines = capsys.readouterr().out.splitlines()
+    progress = [line for line in lines if "] running: " in line]
+    assert len(progress) == 2 and all(line.endswith(
+        "running: pose/finetune/seed0 iteration 780/800 (0.50 s/it, about 10 s of training left)") for line in progress)
+    assert lines.count("1 running, 1 pending") == 1 and lines.count("2 done") == 1  # the table when it changed
+    monkeypatch.setattr(launch, "cell_states", lambda plan, record: running)
+    launch._show_once(plan, {})  # `harness status`: the table, then the progress line
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "1 running, 1 pending", "running: pose/finetune/seed0 iteration 780/800 (0.50 s/it, about 10 s of training left)"]
+
+
 @pytest.mark.slow
 def test_local_launcher_two_in_parallel_equals_the_serial_run(synthetic_root, tmp_path, capsys, monkeypatch):
     cards = tiny_cards(tmp_path / "tasks")
