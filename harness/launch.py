@@ -27,8 +27,8 @@ from pathlib import Path
 
 import submitit
 
-from harness.datasets.synthetic import write_synthetic_once
 from harness.cards import task_card
+from harness.datasets.synthetic import write_synthetic_once
 from harness.errors import HarnessError, one_line, one_line_warnings
 from harness.files import write_json_atomic
 from harness.plan import EvalPlan, check_plan, collect, run_dir, synthetic_data_dir
