@@ -134,7 +134,8 @@ def _breakdown(args: argparse.Namespace) -> int:
         result, card = measured["result"], measured["card"]
         iterations = result.training.iterations
         logged, logged_steps = logged_step_seconds(cell / "metrics.jsonl")
-        period = card.profile(result.profile).checkpoint_period
+        profile = card.profile(result.profile)
+        period = max(1, profile.rescaled(profile.checkpoint_period, result.training.batch_size))
         writes = iterations // period + (iterations % period != 0)
         write_s, size = checkpoint_write_seconds(cell / "checkpoint.pt", args.repeat)
         name = "/".join(cell.parts[-3:])
