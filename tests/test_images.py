@@ -56,3 +56,27 @@ def test_unreadable_images_are_one_line_errors_naming_the_file(tmp_path):
         assert ".cpp" not in message  # the decoder's source location is not the user's business
     with pytest.raises(HarnessError, match="image not found"):
         read_image(tmp_path / "missing.jpg")
+
+
+def test_without_torchvision_decoders_pil_reads_the_same_pixels(tmp_path, monkeypatch):
+    """torchvision 0.29 deprecates its image decoders (TorchCodec supersedes them): a torchvision
+    without them reads files and shard bytes through PIL, with the same pixels and the same errors."""
+    import torchvision
+
+    from harness.datasets.labelled import decode_image
+
+    path = tmp_path / "rgb.jpg"
+    Image.fromarray(photo_like(1)).save(path, quality=90)
+    with_torchvision = read_image(path)
+    shard_bytes = decode_image(path.read_bytes())
+    calls = []
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda *a, **k: calls.append(a) or torch.zeros(3, 1, 1))
+    assert read_image(path).shape == (3, 1, 1) and len(calls) == 1  # the decoder is looked up at each call
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")
+    assert torch.equal(read_image(path), with_torchvision)
+    assert torch.equal(decode_image(path.read_bytes()), shard_bytes)
+    (tmp_path / "truncated.jpg").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(HarnessError, match="truncated.jpg: not a readable image"):
+        read_image(tmp_path / "truncated.jpg")
+    with pytest.raises(HarnessError, match="an image in the shards: not a readable image"):
+        decode_image(path.read_bytes()[:200])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -15,11 +17,29 @@ from harness.errors import HarnessError
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def decode_pil(path: Path) -> torch.Tensor:
-    """Any image file PIL reads, as uint8 [3, H, W] RGB."""
-    with Image.open(path) as im:
+def decode_pil(src: Path | BinaryIO) -> torch.Tensor:
+    """Any image file (a path or an open binary file) PIL reads, as uint8 [3, H, W] RGB."""
+    with Image.open(src) as im:
         array = np.asarray(im.convert("RGB"))
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def torchvision_decodes_jpeg() -> bool:
+    """Whether this torchvision has its JPEG decoder: 0.29 deprecates its image decoders in favour of
+    TorchCodec, and where a later one has removed them, PIL (the same pixels) reads JPEGs too."""
+    return hasattr(torchvision.io, "decode_jpeg") and hasattr(torchvision.io, "ImageReadMode")
+
+
+def decode_jpeg_bytes(data: bytes | bytearray) -> torch.Tensor:
+    """An encoded JPEG as uint8 [3, H, W] RGB, through torchvision's libjpeg-turbo decoder (or PIL
+    without it); a corrupt file raises OSError with the decoder's reason."""
+    if not torchvision_decodes_jpeg():
+        return decode_pil(io.BytesIO(data))
+    try:
+        return torchvision.io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                          mode=torchvision.io.ImageReadMode.RGB)
+    except RuntimeError as exc:  # "decode_jpeg, <source file>:<line>, <what is wrong>"
+        raise OSError(str(exc).splitlines()[0].rsplit(", ", 1)[-1] or "corrupt JPEG") from None
 
 
 def decode_torchvision(path: Path) -> torch.Tensor:
@@ -28,13 +48,10 @@ def decode_torchvision(path: Path) -> torch.Tensor:
     The same pixels as `decode_pil` on JPEGs (both libjpeg-turbo, integer DCT, fancy upsampling;
     tested on colour, grayscale, CMYK and progressive files).
     """
-    data = torchvision.io.read_file(str(path))
-    if bytes(data[:3].numpy()) != JPEG_MAGIC:
+    data = Path(path).read_bytes()
+    if data[:3] != JPEG_MAGIC:
         return decode_pil(path)
-    try:
-        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB)
-    except RuntimeError as exc:  # "decode_jpeg, <source file>:<line>, <what is wrong>"
-        raise OSError(str(exc).splitlines()[0].rsplit(", ", 1)[-1] or "corrupt JPEG") from None
+    return decode_jpeg_bytes(data)
 
 
 # the decoder read_image uses (bench/bench_loader.py compares the two)

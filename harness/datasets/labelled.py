@@ -16,9 +16,8 @@ import math
 from pathlib import Path
 
 import torch
-import torchvision
 
-from harness.datasets.images import JPEG_MAGIC, decode_image_file, decode_pil
+from harness.datasets.images import JPEG_MAGIC, decode_image_file, decode_jpeg_bytes, decode_pil
 from harness.errors import HarnessError
 
 
@@ -154,11 +153,7 @@ def decode_image(src: Path | bytes) -> torch.Tensor:
             raise HarnessError(f"{src}: not a readable image ({exc})") from None
     try:
         if bytes(src[:3]) == JPEG_MAGIC:
-            try:
-                data = torch.frombuffer(bytearray(src), dtype=torch.uint8)
-                return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB)
-            except RuntimeError as exc:
-                raise OSError(str(exc).splitlines()[0]) from None
+            return decode_jpeg_bytes(src)
         return decode_pil(io.BytesIO(src))
     except OSError as exc:
         raise HarnessError(f"an image in the shards: not a readable image ({exc})") from None
