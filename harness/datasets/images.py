@@ -36,7 +36,8 @@ def decode_jpeg_bytes(data: bytes | bytearray) -> torch.Tensor:
     if not torchvision_decodes_jpeg():
         return decode_pil(io.BytesIO(data))
     try:
-        return torchvision.io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+        buffer = data if isinstance(data, bytearray) else bytearray(data)  # frombuffer wants it writable
+        return torchvision.io.decode_jpeg(torch.frombuffer(buffer, dtype=torch.uint8),
                                           mode=torchvision.io.ImageReadMode.RGB)
     except RuntimeError as exc:  # "decode_jpeg, <source file>:<line>, <what is wrong>"
         raise OSError(str(exc).splitlines()[0].rsplit(", ", 1)[-1] or "corrupt JPEG") from None
@@ -48,7 +49,8 @@ def decode_torchvision(path: Path) -> torch.Tensor:
     The same pixels as `decode_pil` on JPEGs (both libjpeg-turbo, integer DCT, fancy upsampling;
     tested on colour, grayscale, CMYK and progressive files).
     """
-    data = Path(path).read_bytes()
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
     if data[:3] != JPEG_MAGIC:
         return decode_pil(path)
     return decode_jpeg_bytes(data)
