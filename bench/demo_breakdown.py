@@ -124,6 +124,8 @@ def main(argv=None) -> int:
 
 
 def _breakdown(args: argparse.Namespace) -> int:
+    from harness.runner import train_config
+
     data_root = args.data or args.out / "synthetic-data"
     cells = sorted(p.parent for p in args.out.glob("*/*/seed*/result.json"))
     if not cells:
@@ -134,8 +136,7 @@ def _breakdown(args: argparse.Namespace) -> int:
         result, card = measured["result"], measured["card"]
         iterations = result.training.iterations
         logged, logged_steps = logged_step_seconds(cell / "metrics.jsonl")
-        profile = card.profile(result.profile)
-        period = max(1, profile.rescaled(profile.checkpoint_period, result.training.batch_size))
+        period = train_config(card, result.profile, result.seed, result.training.batch_size).checkpoint_period
         writes = iterations // period + (iterations % period != 0)
         write_s, size = checkpoint_write_seconds(cell / "checkpoint.pt", args.repeat)
         name = "/".join(cell.parts[-3:])
