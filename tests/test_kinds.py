@@ -163,4 +163,5 @@ def test_an_empty_coco_prediction_file_warns_in_one_line(tmp_path, capsys):
     (tmp_path / "p.json").write_text("[]")
     assert main(["score", "--task", "coco", "--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "p.json"),
                  "--json"]) == 0
-    assert capsys.readouterr().err == "harness: warning: empty prediction list: every metric is 0\n"
+    assert capsys.readouterr().err == ("harness: warning: empty prediction list: every AP and AR is 0 (None where there "
+                                       "is no ground truth)\n")

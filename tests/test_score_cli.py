@@ -67,6 +67,41 @@ def test_bad_prediction_files(run, gt_file, tmp_path, content, message):
     assert message in line and str(pred) in line
 
 
+KEYPOINT_GT = {"images": [{"id": 1}], "categories": [{"id": 1, "name": "person", "keypoints": ["nose", "eye"]}],
+               "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 200, 200], "area": 40000,
+                                "iscrowd": 0, "keypoints": [50, 50, 2, 60, 40, 1], "num_keypoints": 2}]}
+
+
+def _without(gt: dict, key: str) -> dict:
+    return {**gt, "annotations": [{k: v for k, v in a.items() if k != key} for a in gt["annotations"]]}
+
+
+@pytest.mark.parametrize(
+    "task, gt, message",
+    [
+        # pycocotools refuses these (KeyError); scoring them as 0 gave a 200x200 object as small (APs 100, APl None)
+        ("coco", _without(GT, "area"), "annotations[0] has no 'area'"),
+        ("coco", _without(GT, "id"), "annotations[0] has no 'id'"),
+        ("pose", _without(KEYPOINT_GT, "num_keypoints"), "needs 'keypoints' (6 numbers"),  # was: every metric None
+        ("pose", _without(KEYPOINT_GT, "keypoints"), "needs 'keypoints' (6 numbers"),  # was: a KeyError traceback
+        ("pose", {**KEYPOINT_GT, "annotations": [{**KEYPOINT_GT["annotations"][0], "keypoints": [50, 50, 2]}]},
+         "needs 'keypoints' (6 numbers"),
+        ("coco", {**GT, "images": [{**GT["images"][0], "id": "a"}, GT["images"][1]]},
+         "images[0] has id 'a': COCO ids are integers"),  # was: a ValueError traceback from the evaluator
+        ("coco", {**GT, "categories": [{"id": 18.0, "name": "dog"}]}, "categories[0] has id 18.0: COCO ids are integers"),
+        ("coco", {**GT, "annotations": GT["annotations"] * 2}, "annotations[1] repeats annotation id 1"),
+        ("coco", {**GT, "images": GT["images"] + GT["images"][:1]}, "images[2] repeats id 7"),
+    ],
+)
+def test_ground_truth_that_pycocotools_refuses_is_refused_in_one_line(run, tmp_path, task, gt, message):
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "p.json").write_text("[]")
+    out = run("score", "--task", task, "--gt", tmp_path / "gt.json", "--pred", tmp_path / "p.json", "--json")
+    line = out.stderr.strip()
+    assert out.returncode == 2 and out.stdout == "" and "\n" not in line and "Traceback" not in line
+    assert message in line and str(tmp_path / "gt.json") in line
+
+
 def test_missing_files_and_empty_predictions(run, gt_file, tmp_path, recwarn):
     out = run("score", "--task", "coco", "--gt", tmp_path / "nope.json", "--pred", tmp_path / "x.json")
     assert out.returncode == 2 and "COCO ground-truth file not found" in out.stderr

@@ -55,33 +55,56 @@ def read_json(path: str | Path, what: str = "JSON file"):
 
 
 def validate_coco_gt(gt, source: str) -> dict:
-    """Check the structure a COCO evaluator relies on; returns `gt` unchanged."""
+    """Check the structure a COCO evaluator relies on; returns `gt` unchanged.
+
+    Image and category ids are integers; every annotation has an unique ``id``, known ``image_id`` and
+    ``category_id``, a ``bbox`` and an ``area`` (the area ranges of APs/APm/APl are read from it, not
+    from the box); an annotation of a category with keypoints has ``keypoints`` (x, y, v per named
+    keypoint) and ``num_keypoints``. pycocotools refuses a file without them; scoring one as if the
+    field were 0 would give numbers that look right and are not.
+    """
     if not isinstance(gt, dict):
         raise HarnessError(f"{source}: a COCO ground-truth file is a JSON object, got {type(gt).__name__}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(gt.get(key), list):
             raise HarnessError(f"{source}: no '{key}' list: is this a COCO instances/person_keypoints file?")
-    image_ids = set()
-    for i, img in enumerate(gt["images"]):
-        if not isinstance(img, dict) or "id" not in img:
-            raise HarnessError(f"{source}: images[{i}] has no 'id'")
-        if img["id"] in image_ids:
-            raise HarnessError(f"{source}: images[{i}] repeats image id {img['id']!r}")
-        image_ids.add(img["id"])
-    category_ids = set()
-    for i, cat in enumerate(gt["categories"]):
-        if not isinstance(cat, dict) or "id" not in cat:
-            raise HarnessError(f"{source}: categories[{i}] has no 'id'")
-        category_ids.add(cat["id"])
+    image_ids = _unique_integer_ids(gt["images"], "images", source)
+    keypoint_values = {cat["id"]: 3 * len(cat.get("keypoints") or ())
+                       for cat in gt["categories"] if isinstance(cat, dict) and "id" in cat}
+    _unique_integer_ids(gt["categories"], "categories", source)
+    ann_ids = set()
     for i, ann in enumerate(gt["annotations"]):
-        for key in ("image_id", "category_id", "bbox"):
+        if not isinstance(ann, dict):
+            raise HarnessError(f"{source}: annotations[{i}] is not an object")
+        for key in ("id", "image_id", "category_id", "bbox", "area"):
             if key not in ann:
                 raise HarnessError(f"{source}: annotations[{i}] has no '{key}'")
+        if ann["id"] in ann_ids:
+            raise HarnessError(f"{source}: annotations[{i}] repeats annotation id {ann['id']!r}")
+        ann_ids.add(ann["id"])
         if ann["image_id"] not in image_ids:
             raise HarnessError(f"{source}: annotations[{i}] names image_id {ann['image_id']!r}, not in 'images'")
-        if ann["category_id"] not in category_ids:
+        if ann["category_id"] not in keypoint_values:
             raise HarnessError(f"{source}: annotations[{i}] names category_id {ann['category_id']!r}, not in 'categories'")
+        values = keypoint_values[ann["category_id"]]
+        if values and not (isinstance(ann.get("keypoints"), list) and len(ann["keypoints"]) == values
+                           and "num_keypoints" in ann):
+            raise HarnessError(f"{source}: annotations[{i}] of a category with keypoints needs 'keypoints' "
+                               f"({values} numbers: x, y, v per keypoint) and 'num_keypoints'")
     return gt
+
+
+def _unique_integer_ids(entries: list, what: str, source: str) -> set:
+    ids = set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "id" not in entry:
+            raise HarnessError(f"{source}: {what}[{i}] has no 'id'")
+        if not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
+            raise HarnessError(f"{source}: {what}[{i}] has id {entry['id']!r}: COCO ids are integers")
+        if entry["id"] in ids:
+            raise HarnessError(f"{source}: {what}[{i}] repeats id {entry['id']!r}")
+        ids.add(entry["id"])
+    return ids
 
 
 def load_coco_gt(path: str | Path) -> dict:

@@ -130,7 +130,8 @@ def _evaluate(gt: dict, preds: list[dict], iou_type: str, names: Sequence[str], 
     from faster_coco_eval import COCO, COCOeval_faster
 
     if not preds:
-        warnings.warn("empty prediction list: every metric is 0", HarnessWarning, stacklevel=3)
+        warnings.warn("empty prediction list: every AP and AR is 0 (None where there is no ground truth)",
+                      HarnessWarning, stacklevel=3)
     with gc_paused():
         coco_gt = COCO(gt)
         # loadRes annotates entries (id, area, segmentation) in place: hand it copies unless they are ours.
