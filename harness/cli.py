@@ -176,7 +176,8 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", default=None, help="checkpoint entry holding the weights (e.g. student, model_ema; a/b if nested)")
     p.add_argument("--prefix", default=None, help="encoder key prefix, when several complete encoders are present")
     p.add_argument("--normalization", default=None,
-                   help="override the input normalization: imagenet, caffe, inception, clip or a JSON object")
+                   help="override the input normalization: imagenet, caffe, inception, clip or a JSON object "
+                        '{"mean": [...], "std": [...], "channel_order": "RGB"} in 0-255 pixel units')
     p.add_argument("--allow-missing", action="store_true",
                    help="deliberate partial load: architecture tensors absent from the checkpoint stay random")
     p.add_argument("--allow-unexpected", action="store_true",
@@ -544,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as exc:
         message = one_line(exc)
         print(f"harness: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path that is a file where a folder is needed, a read-only place, a full disk
+        print(f"harness: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)

@@ -304,9 +304,12 @@ class CellStatus:
 
 
 def read_launch(out: Path) -> dict:
-    record = _read_json(Path(out) / LAUNCH_FILE)
-    if record is None:
-        raise HarnessError(f"{Path(out) / LAUNCH_FILE} not found: no launched eval in {out}")
+    path = Path(out) / LAUNCH_FILE
+    if not path.is_file():
+        raise HarnessError(f"{path} not found: no launched eval in {out}")
+    record = _read_json(path)
+    if not (isinstance(record, dict) and isinstance(record.get("plan"), dict) and isinstance(record.get("cells"), dict)):
+        raise HarnessError(f"{path} is not a launch record (JSON with 'plan' and 'cells'): written by another tool?")
     return record
 
 

@@ -30,6 +30,9 @@ class Normalization:
             raise HarnessError(f"normalization needs 3 mean and 3 std values, got {mean} and {std}")
         if any(not math.isfinite(v) for v in mean + std) or any(v <= 0 for v in std):
             raise HarnessError(f"normalization std must be positive and finite, got {std}")
+        if max(mean) <= 1.0 and max(std) <= 1.0 and (mean, std) != ((0.0,) * 3, (1.0,) * 3):
+            raise HarnessError(f"normalization mean {mean} and std {std} look like 0-1 units; the harness takes "
+                               "0-255 pixel units (ImageNet: mean [123.675, 116.28, 103.53], std [58.395, 57.12, 57.375])")
         order = str(self.channel_order).upper()
         if order not in ("RGB", "BGR"):
             raise HarnessError(f"normalization channel_order must be RGB or BGR, got {self.channel_order!r}")
@@ -42,6 +45,9 @@ class Normalization:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Normalization":
+        unknown = set(d) - {"mean", "std", "channel_order"} if isinstance(d, dict) else set()
+        if unknown:
+            raise HarnessError(f"bad normalization {d!r}: unknown key(s) {sorted(unknown)}; it takes mean, std, channel_order")
         try:
             return cls(tuple(d["mean"]), tuple(d["std"]), d.get("channel_order", "RGB"))
         except (KeyError, TypeError, ValueError) as exc:

@@ -221,8 +221,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from harness.files import write_json_atomic
     from harness.results import pretrain_record_path
 
-    env = init_distributed(cfg.device)
     out = Path(cfg.out)
+    if out.is_dir() or out.suffix != ".safetensors":  # found now, not after the training
+        raise HarnessError(f"pretrain: --out {out} must name the .safetensors file to write")
+    env = init_distributed(cfg.device)
     hierarchy = LabelHierarchy.load(cfg.hierarchy) if cfg.hierarchy else None
     classes = read_classes(cfg.classes) if cfg.classes else None
     data = open_pretrain_data(cfg.data, fraction=cfg.fraction, subset_seed=cfg.subset_seed,

@@ -91,6 +91,12 @@ def test_normalization_values():
     for bad in ("nope", '{"mean": [1, 2]}', {"mean": [0, 0, 0], "std": [0, 1, 1]}):
         with pytest.raises(HarnessError):
             resolve_normalization(bad)
+    # 0-1 units (torchvision's transforms.Normalize values) would scale the inputs about 250-fold
+    with pytest.raises(HarnessError, match="look like 0-1 units; the harness takes 0-255 pixel units"):
+        resolve_normalization('{"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}')
+    with pytest.raises(HarnessError, match=re.escape("unknown key(s) ['stdev']")):
+        resolve_normalization({"mean": [1, 2, 3], "std": [4, 5, 6], "stdev": [4, 5, 6]})
+    assert resolve_normalization({"mean": [0, 0, 0], "std": [1, 1, 1]}).std == (1.0, 1.0, 1.0)  # raw pixels
     bb = build_backbone("resnet18", normalization="inception")
     assert bb.normalization.mean == (127.5, 127.5, 127.5)
 

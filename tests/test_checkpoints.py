@@ -684,8 +684,35 @@ def test_export_keeps_bgr_and_stride_in_1x1(tmp_path, r50):
 
 
 def test_export_of_non_resnet_to_detectron2_is_refused(tmp_path):
+    vit = save_backbone(load_backbone("random:vit_tiny_patch16_224"), tmp_path / "vit.safetensors")
     with pytest.raises(HarnessError, match="supports ResNets"):
-        export_backbone("random:vit_tiny_patch16_224", None, "detectron2", tmp_path / "x.pkl")
+        export_backbone(vit, None, "detectron2", tmp_path / "x.pkl")
+
+
+def test_export_refuses_what_it_could_not_write_faithfully(r50_file, tmp_path):
+    """A random or partial backbone would be passed off as loaded weights; the input is never overwritten."""
+    with pytest.raises(HarnessError, match="random:resnet50 is a random initialisation"):
+        export_backbone("random:resnet50", None, "torchvision", tmp_path / "r.pth")
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in torch.load(r50_file, weights_only=True).items() if not k.startswith("layer4.")}, partial)
+    with pytest.raises(HarnessError, match=r"export: \d+ tensors of resnet50 are not in .*partial.pth \(e.g. layer4"):
+        export_backbone(partial, "resnet50", "torchvision", tmp_path / "out.pth", allow_missing=True)
+    before = r50_file.read_bytes()
+    with pytest.raises(HarnessError, match="is the checkpoint being exported"):
+        export_backbone(r50_file, "resnet50", "torchvision", r50_file)
+    assert r50_file.read_bytes() == before
+    with pytest.raises(HarnessError, match="is a folder"):
+        export_backbone(r50_file, "resnet50", "torchvision", tmp_path)
+    with pytest.raises(HarnessError, match="writes a PyTorch file"):
+        export_backbone(r50_file, "resnet50", "mmdet", tmp_path / "x.safetensors")
+    assert not list(tmp_path.glob("out.pth*")) and not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_torch_file_named_safetensors_is_read_as_what_it_holds(r50_file, tmp_path):
+    """torch.load reads a path named *.safetensors as safetensors whatever it holds (a traceback before)."""
+    named = tmp_path / "r50.safetensors"
+    named.write_bytes(r50_file.read_bytes())
+    assert load_backbone(named, arch="resnet50").load_report["container"] == "torch-zip"
 
 
 def test_normalization_override(r50, r50_file, r50_net):

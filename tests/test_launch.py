@@ -356,3 +356,15 @@ def test_slurm_array_runs_status_resubmits_the_failed_cell_and_collects(syntheti
     third = harness(*cmd, env=env)  # finished cells are never submitted again; the status collects
     assert third.returncode == 0 and "submitted" not in third.stdout and "mAP@[.5,.95]" in third.stdout
     assert sorted(p.name for p in (tmp_path / "slurm").glob("submitted_*")) == ["submitted_1000.sh", "submitted_1001.sh"]
+
+
+def test_status_of_a_folder_whose_launch_json_is_not_a_launch_record(tmp_path, capsys):
+    """A launch.json another tool wrote, or one cut short: one line, not a KeyError traceback."""
+    for name, text, message in [("empty", "{}", "is not a launch record"), ("list", "[1, 2]", "is not a launch record"),
+                                ("cut", '{"plan": {', "is not a launch record"), ("none", None, "not found")]:
+        folder = tmp_path / name
+        folder.mkdir()
+        if text is not None:
+            (folder / "launch.json").write_text(text)
+        code, out, err = run_cli(capsys, "status", "--out", folder)
+        assert code == 2 and message in err and "\n" not in err.strip()

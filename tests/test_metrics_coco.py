@@ -173,7 +173,12 @@ def test_empty_prediction_list_scores_zero_with_a_warning():
         (lambda p: p["bbox"].__setitem__(2, -3.0), "negative-size bbox"),
         (lambda p: p.pop("score"), "has no 'score'"),
         (lambda p: p.__setitem__("bbox", [1, 2, 3]), "bbox is not [x, y, w, h]"),
-        (lambda p: p.__setitem__("bbox", ["a", 2, 3, 4]), "non-numeric 'bbox'"),
+        (lambda p: p.__setitem__("bbox", ["a", 2, 3, 4]), "'bbox' is not a list of numbers"),
+        # numpy would read these as numbers; the evaluator then failed with a traceback (or took true as 1)
+        (lambda p: p.__setitem__("bbox", ["1", "2", "3", "4"]), "'bbox' is not a list of numbers"),
+        (lambda p: p.__setitem__("score", "0.5"), "'score' is not a number"),
+        (lambda p: p.__setitem__("score", True), "'score' is not a number"),
+        (lambda p: p.__setitem__("score", [0.5]), "'score' is not a number"),
     ],
 )
 def test_bad_predictions_name_the_first_offending_entry(mutate, message):
@@ -198,7 +203,8 @@ def test_bad_predictions_name_the_first_offending_entry(mutate, message):
         (lambda ps, i: ps[i].__setitem__("bbox", {"x": 1}), "bbox is not [x, y, w, h]"),
         (lambda ps, i: ps[i].__setitem__("bbox", [1, 2, 3, 4, 5]), "bbox is not [x, y, w, h]"),
         (lambda ps, i: ps[i].__setitem__("score", float("inf")), "NaN or infinite 'score'"),
-        (lambda ps, i: ps[i].__setitem__("score", "high"), "non-numeric 'score'"),
+        (lambda ps, i: ps[i].__setitem__("score", "high"), "'score' is not a number"),
+        (lambda ps, i: ps[i]["bbox"].__setitem__(1, False), "'bbox' is not a list of numbers"),
         (lambda ps, i: ps[i]["bbox"].__setitem__(0, float("-inf")), "NaN or infinite 'bbox'"),
         (lambda ps, i: ps[i]["bbox"].__setitem__(3, -0.5), "negative-size bbox"),
     ],
@@ -226,6 +232,10 @@ def test_bad_keypoint_entries_are_named():
     preds = random_preds(np.random.default_rng(5), gt, keypoints=True)
     preds[4]["keypoints"][10] = float("nan")
     with pytest.raises(HarnessError, match=r"entry 4 .*NaN or infinite 'keypoints'"):
+        coco_keypoint_metrics(gt, preds, source="kps.json")
+    preds = random_preds(np.random.default_rng(5), gt, keypoints=True)
+    preds[6]["keypoints"][4] = "12.5"
+    with pytest.raises(HarnessError, match=r"entry 6 .*'keypoints' is not a list of numbers"):
         coco_keypoint_metrics(gt, preds, source="kps.json")
 
 

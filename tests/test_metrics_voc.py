@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import os
 from pathlib import Path
@@ -153,3 +155,12 @@ def test_prediction_for_an_image_outside_the_split_is_an_error():
         voc_detection_metrics(anns, [{"image_id": "b", "category_id": 8, "bbox": [0, 0, 4, 4], "score": 1.0}], True, VOC_CLASSES)
     with pytest.raises(HarnessError, match="category_id 21; VOC uses 1..20"):
         voc_detection_metrics(anns, [{"image_id": "a", "category_id": 21, "bbox": [0, 0, 4, 4], "score": 1.0}], True, VOC_CLASSES)
+    good = {"image_id": "a", "category_id": 8, "bbox": [0, 0, 4, 4], "score": 1.0}
+    for change, message in [({"category_id": True}, "category_id True; VOC uses 1..20"),
+                            ({"image_id": ["a"]}, "names image_id ['a'], which is not in the split"),
+                            ({"bbox": "1234"}, "bbox that is not a list of numbers"),  # was read as [1, 2, 3, 4]
+                            ({"bbox": [0, 0, "4", 4]}, "bbox that is not a list of numbers"),
+                            ({"score": "0.5"}, "score that is not a number"),
+                            ({"score": True}, "score that is not a number")]:
+        with pytest.raises(HarnessError, match=re.escape(message)):
+            voc_detection_metrics(anns, [good, {**good, **change}], True, VOC_CLASSES)

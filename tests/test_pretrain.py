@@ -467,3 +467,18 @@ def test_pretrain_under_torchrun_on_streamed_shards(tmp_path):
     record = read_sidecar(out)
     assert record["training"]["world_size"] == 2 and record["training"]["per_process_batch"] == 2
     assert record["settings"]["data"]["format"] == "wds" and load_backbone(str(out)).checkpoint["layout"] == "harness"
+
+
+def test_pretrain_out_is_checked_before_training(tmp_path, capsys):
+    """A folder or another suffix as --out failed when the trained weights were written (work lost)."""
+    from harness.cli import main
+    from harness.datasets.synthetic import write_pretrain_synthetic
+
+    with pytest.raises(HarnessError, match="image_size >= 16"):
+        write_pretrain_synthetic(tmp_path / "none", size=2, label_noise=0.0, image_size=0)
+    write_pretrain_synthetic(tmp_path / "pre", size=4, label_noise=0.0, image_size=32)
+    for out in (tmp_path, tmp_path / "ckpt.pth"):
+        argv = ["pretrain", "--data", str(tmp_path / "pre"), "--arch", "resnet18", "--out", str(out), "--iterations", "1",
+                "--batch-size", "2", "--image-size", "32", "--workers", "0", "--device", "cpu", "--no-progress"]
+        assert main(argv) == 2
+        assert "must name the .safetensors file to write" in capsys.readouterr().err

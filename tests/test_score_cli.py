@@ -91,6 +91,12 @@ def _without(gt: dict, key: str) -> dict:
         ("coco", {**GT, "categories": [{"id": 18.0, "name": "dog"}]}, "categories[0] has id 18.0: COCO ids are integers"),
         ("coco", {**GT, "annotations": GT["annotations"] * 2}, "annotations[1] repeats annotation id 1"),
         ("coco", {**GT, "images": GT["images"] + GT["images"][:1]}, "images[2] repeats id 7"),
+        ("coco", {**GT, "annotations": []}, "no annotations: nothing to train on or score against"),  # was: all null
+        ("coco", {**GT, "annotations": [{**GT["annotations"][0], "bbox": [10, float("nan"), 40, 30]}]},
+         "annotations[0] has a NaN, infinite or negative-size bbox"),  # was: scored, the AP changed
+        ("coco", {**GT, "annotations": [{**GT["annotations"][0], "bbox": [10, 10, 40]}]}, "needs a 'bbox' of 4 numbers"),
+        ("coco", {**GT, "annotations": [{**GT["annotations"][0], "bbox": "10 10 40 30"}]}, "needs a 'bbox' of 4 numbers"),
+        ("coco", {**GT, "annotations": [{**GT["annotations"][0], "image_id": [7]}]}, "names image_id [7], not in 'images'"),
     ],
 )
 def test_ground_truth_that_pycocotools_refuses_is_refused_in_one_line(run, tmp_path, task, gt, message):
@@ -126,6 +132,18 @@ def test_voc_folder_with_a_missing_annotation(run, tmp_path):
     assert out.returncode == 2 and "VOC annotation not found" in out.stderr and "000001.xml" in out.stderr
     out = run("score", "--task", "voc", "--gt", voc, "--split", "val", "--pred", tmp_path / "p.json")
     assert out.returncode == 2 and "VOC split list not found" in out.stderr
+
+
+def test_voc_year_must_be_a_year_and_agree_with_the_folder(run, tmp_path):
+    """--year picks the AP definition (11-point before 2010): it may not silently overrule the folder's name."""
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    voc.mkdir(parents=True)
+    (tmp_path / "p.json").write_text("[]")
+    for year, message in [("abc", "--year 'abc': a VOC year such as 2007 or 2012"),
+                          ("12", "--year '12': VOC ran from 2005 to 2012"),
+                          ("2007", "--year 2007 contradicts the folder VOC2012; leave --year out")]:
+        out = run("score", "--task", "voc", "--gt", voc, "--split", "val", "--pred", tmp_path / "p.json", "--year", year)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
 def test_python_m_harness_exits_with_the_code_and_one_line(tmp_path):

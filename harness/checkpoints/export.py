@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import torch
 from harness.backbones import Backbone, ResNetBackbone
 from harness.checkpoints.formats import HARNESS_FORMAT, tv_to_d2
 from harness.checkpoints.load import load_backbone
-from harness.errors import HarnessError
+from harness.errors import HarnessError, HarnessWarning
+from harness.files import atomic_write
+from harness.normalization import IMAGENET, NORMALIZATIONS
 
 EXPORT_TARGETS = ("detectron2", "torchvision", "mmdet")
 
@@ -55,12 +58,29 @@ def export_backbone(path, arch: str | None, to: str, out, **opts) -> Path:
     """
     if to not in EXPORT_TARGETS:
         raise HarnessError(f"unknown export target {to!r}: use one of {', '.join(EXPORT_TARGETS)}")
-    bb = load_backbone(path, arch=arch, **opts)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise HarnessError(f"export: {out} is a folder; give the file to write")
+    if out.exists() and out.resolve() == Path(path).resolve():
+        raise HarnessError(f"export: {out} is the checkpoint being exported; write to another file")
+    if out.suffix == ".safetensors":
+        raise HarnessError(f"export: --to {to} writes a PyTorch file (.pth, .pkl), not {out.name}; "
+                           "`harness pretrain` and the harness's own checkpoints are safetensors")
+    if str(path).startswith("random:"):
+        raise HarnessError(f"export: {path} is a random initialisation, not weights to export")
+    bb = load_backbone(path, arch=arch, **opts)
     trunk = OrderedDict((k, v.detach().cpu().clone()) for k, v in bb.trunk_state_dict().items())
+    missing = [k for k in bb.load_report["missing"] if k in trunk]
+    if missing:  # an exported file cannot say which of its tensors are random: it would pass them off as loaded
+        raise HarnessError(f"export: {len(missing)} tensors of {bb.arch} are not in {path} (e.g. {missing[0]}); "
+                           "only a complete backbone is exported")
     if to == "torchvision":
-        torch.save(trunk, out)
+        if bb.normalization != IMAGENET:
+            name = next((k for k, v in NORMALIZATIONS.items() if v == bb.normalization), None)
+            flag = f"--normalization {name}" if name else f"--normalization '{json.dumps(bb.normalization.to_dict())}'"
+            warnings.warn(f"{out}: a torchvision state dict does not record the input normalization; "
+                          f"load it with {flag}", HarnessWarning, stacklevel=2)
+        atomic_write(out, lambda f: torch.save(trunk, f))
         return out
     if not isinstance(bb, ResNetBackbone):
         raise HarnessError(f"export to {to} supports ResNets; {bb.arch} can be exported with --to torchvision")
@@ -90,8 +110,7 @@ def _to_detectron2(bb: ResNetBackbone, weights: dict, meta: dict, out: Path) -> 
     }
     model = OrderedDict((tv_to_d2(k), v.numpy()) for k, v in weights.items())
     payload = {"model": model, "__author__": "harness", "matching_heuristics": True, "harness": meta}
-    with open(out, "wb") as f:
-        pickle.dump(payload, f, protocol=4)
+    atomic_write(out, lambda f: pickle.dump(payload, f, protocol=4))
 
 
 def _to_mmdet(bb: ResNetBackbone, weights: dict, meta: dict, out: Path) -> None:
@@ -106,4 +125,4 @@ def _to_mmdet(bb: ResNetBackbone, weights: dict, meta: dict, out: Path) -> None:
         "data_preprocessor": {"mean": list(norm.mean), "std": list(norm.std), "bgr_to_rgb": norm.channel_order == "RGB"},
         "note": "backbone init_cfg=dict(type='Pretrained', checkpoint=<this file>); mmcv images are BGR",
     }
-    torch.save({"meta": {"harness": meta}, "state_dict": weights}, out)
+    atomic_write(out, lambda f: torch.save({"meta": {"harness": meta}, "state_dict": weights}, f))

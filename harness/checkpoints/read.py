@@ -177,11 +177,13 @@ _BUILD_RE = re.compile(r"but got <class '([\w.]+)'>")
 
 
 def _read_torch(path: Path, container: str, unsafe_load: bool):
+    # An open file, not the path: torch.load reads any path named *.safetensors as safetensors, whatever it holds.
     try:
-        if unsafe_load:
-            return torch.load(path, map_location="cpu", weights_only=False)  # DANGEROUS by request
-        with torch.serialization.safe_globals(_torch_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            if unsafe_load:
+                return torch.load(f, map_location="cpu", weights_only=False)  # DANGEROUS by request
+            with torch.serialization.safe_globals(_torch_safe_globals()):
+                return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         m = _GLOBAL_RE.search(text) or _BUILD_RE.search(text)

@@ -7,6 +7,7 @@ contiguous labels 1..K of `CocoDetection.category_ids` (0 is background, as torc
 from __future__ import annotations
 
 import json
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from harness.datasets.images import read_image
 from harness.errors import HarnessError
 from harness.gcpause import gc_paused
+from harness.metrics import json_numbers, real_types
 
 
 def _has_digit_run(data: bytes, n: int = 19) -> bool:
@@ -82,16 +84,42 @@ def validate_coco_gt(gt, source: str) -> dict:
         if ann["id"] in ann_ids:
             raise HarnessError(f"{source}: annotations[{i}] repeats annotation id {ann['id']!r}")
         ann_ids.add(ann["id"])
-        if ann["image_id"] not in image_ids:
+        if not _member(ann["image_id"], image_ids):
             raise HarnessError(f"{source}: annotations[{i}] names image_id {ann['image_id']!r}, not in 'images'")
-        if ann["category_id"] not in keypoint_values:
+        if not _member(ann["category_id"], keypoint_values):
             raise HarnessError(f"{source}: annotations[{i}] names category_id {ann['category_id']!r}, not in 'categories'")
         values = keypoint_values[ann["category_id"]]
         if values and not (isinstance(ann.get("keypoints"), list) and len(ann["keypoints"]) == values
                            and "num_keypoints" in ann):
             raise HarnessError(f"{source}: annotations[{i}] of a category with keypoints needs 'keypoints' "
                                f"({values} numbers: x, y, v per keypoint) and 'num_keypoints'")
+    if not gt["annotations"]:
+        raise HarnessError(f"{source}: no annotations: nothing to train on or score against")
+    _check_boxes(gt["annotations"], source)
     return gt
+
+
+def _member(value, ids) -> bool:
+    try:
+        return value in ids
+    except TypeError:  # unhashable: a list or an object
+        return False
+
+
+def _check_boxes(anns: list, source: str) -> None:
+    """Every ``bbox`` is [x, y, w, h] of finite numbers with w, h >= 0 and every ``area`` a number (vectorised)."""
+    boxes, areas = [a["bbox"] for a in anns], [a["area"] for a in anns]
+    shaped = all(isinstance(b, list) and len(b) == 4 for b in boxes)
+    if not (shaped and real_types(set(map(type, chain.from_iterable(boxes)))) and real_types(set(map(type, areas)))):
+        for i, a in enumerate(anns):
+            if not (json_numbers(a["bbox"], scalar=False) and len(a["bbox"]) == 4 and json_numbers(a["area"], scalar=True)):
+                raise HarnessError(f"{source}: annotations[{i}] needs a 'bbox' of 4 numbers [x, y, w, h] and a numeric 'area'")
+    values = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    bad = ~np.isfinite(values).all(axis=1) | (values[:, 2] < 0) | (values[:, 3] < 0) | ~np.isfinite(np.asarray(areas, dtype=np.float64))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise HarnessError(f"{source}: annotations[{i}] has a NaN, infinite or negative-size bbox {anns[i]['bbox']} "
+                           f"or area {anns[i]['area']}")
 
 
 def _unique_integer_ids(entries: list, what: str, source: str) -> set:

@@ -356,9 +356,9 @@ def write_pretrain_synthetic(out: Path, size: int, label_noise: float, seed: int
     swapped for a class the image lacks.
     The images do not depend on label_noise.  Returns the manifest path.
     """
-    if size < 1 or not 0.0 <= label_noise <= 1.0:
-        raise HarnessError(f"pretraining data: need size >= 1 and 0 <= label_noise <= 1, "
-                           f"got size={size}, label_noise={label_noise}")
+    if size < 1 or not 0.0 <= label_noise <= 1.0 or image_size < 16:
+        raise HarnessError(f"pretraining data: need size >= 1, 0 <= label_noise <= 1 and image_size >= 16, "
+                           f"got size={size}, label_noise={label_noise}, image_size={image_size}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     labels: list[list[str]] = []

@@ -167,6 +167,27 @@ def postprocess(card: TaskCard, test) -> Callable:
     return lambda output, target: box_records(output, target["image_id"], test.category_id)
 
 
+def _scoring_year(voc_dir: Path, year: str | int | None) -> int:
+    """The VOC year that picks the AP definition: the folder's name, or ``--year`` when it does not say one."""
+    from harness.datasets.voc import voc_year
+
+    if year is None:
+        return voc_year(voc_dir)
+    try:
+        given = int(year)
+    except ValueError:
+        raise HarnessError(f"--year {year!r}: a VOC year such as 2007 or 2012") from None
+    if not 2005 <= given <= 2012:
+        raise HarnessError(f"--year {year!r}: VOC ran from 2005 to 2012")
+    try:
+        named = voc_year(voc_dir)
+    except HarnessError:  # a folder named otherwise: --year decides
+        return given
+    if named != given:
+        raise HarnessError(f"--year {year} contradicts the folder {voc_dir.resolve().name}; leave --year out")
+    return given
+
+
 def _use_07_metric(year: int) -> bool:
     return year < 2010  # VOC2007's 11-point AP; the area under the envelope from VOC2010 on
 
@@ -189,12 +210,12 @@ def score_files(card: TaskCard, gt: str | Path, pred: str | Path, split: str | N
 
     if card.dataset.layout == "coco":
         return coco_box_metrics(load_coco_gt(gt), read_json(pred, "prediction file"), source=str(pred), owned=True)
-    from harness.datasets.voc import VOC_CLASSES, load_voc_detection, voc_year
+    from harness.datasets.voc import VOC_CLASSES, load_voc_detection
 
     if split is None:
         raise HarnessError(f"--split is required for --task {card.name} (e.g. test)")
     if not Path(gt).is_dir():
         raise HarnessError(f"VOC folder not found: {gt} (expected VOCdevkit/VOC20xx)")
-    use_07 = _use_07_metric(int(year if year is not None else voc_year(gt)))
+    use_07 = _use_07_metric(_scoring_year(Path(gt), year))
     preds = read_json(pred, "prediction file")
     return voc_detection_metrics(load_voc_detection(gt, split), preds, use_07, VOC_CLASSES, source=str(pred))

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
 
 from harness.errors import HarnessError, HarnessWarning
 from harness.gcpause import gc_paused
+from harness.metrics import json_numbers, real_types
 
 BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 KEYPOINT_METRICS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
@@ -42,11 +44,11 @@ def validate_predictions(gt: dict, preds, kind: str, source: str = "predictions"
         return
     # Numeric checks, vectorised: COCO-sized files hold hundreds of thousands of entries.
     for key in (field, "score"):
-        try:
-            values = np.asarray(columns[key], dtype=np.float64).reshape(len(preds), -1)
-        except (TypeError, ValueError):
-            _first_bad(preds, source, lambda p: not _numeric(p[key]), f"has a non-numeric '{key}'")
-            raise
+        numbers = chain.from_iterable(columns[key]) if key == field else columns[key]
+        if not real_types(set(map(type, numbers))):  # not "0.5", true or [0.5], which numpy would take
+            what = "a number" if key == "score" else "a list of numbers"
+            _first_bad(preds, source, lambda p: not json_numbers(p[key], key == "score"), f"'{key}' is not {what}")
+        values = np.asarray(columns[key], dtype=np.float64).reshape(len(preds), -1)
         _raise_first(preds, source, ~np.isfinite(values).all(axis=1), f"has a NaN or infinite '{key}'")
         if key == "bbox":
             _raise_first(preds, source, (values[:, 2] < 0) | (values[:, 3] < 0), "has a negative-size bbox")
@@ -103,14 +105,6 @@ def _member(value, ids) -> bool:
         return value in ids
     except TypeError:  # unhashable (a list or an object)
         return False
-
-
-def _numeric(value) -> bool:
-    try:
-        np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _raise_first(preds, source: str, mask: np.ndarray, what: str) -> None:

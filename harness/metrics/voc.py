@@ -21,6 +21,7 @@ from collections import defaultdict
 import numpy as np
 
 from harness.errors import HarnessError, HarnessWarning
+from harness.metrics import json_numbers
 
 IOU_THRESHOLDS = tuple(t / 100 for t in range(50, 100, 5))
 
@@ -156,14 +157,13 @@ def validate_voc_predictions(annotations, preds, num_classes: int, source: str) 
         where = f"{source}: entry {i} {str(p)[:160]}"
         if not isinstance(p, dict) or any(k not in p for k in ("image_id", "category_id", "bbox", "score")):
             raise HarnessError(f"{where} lacks one of image_id, category_id, bbox, score")
-        if p["image_id"] not in image_ids:
+        if not isinstance(p["image_id"], str) or p["image_id"] not in image_ids:
             raise HarnessError(f"{where} names image_id {p['image_id']!r}, which is not in the split")
-        if not isinstance(p["category_id"], int) or not 1 <= p["category_id"] <= num_classes:
+        if type(p["category_id"]) is not int or not 1 <= p["category_id"] <= num_classes:
             raise HarnessError(f"{where} has category_id {p['category_id']!r}; VOC uses 1..{num_classes}")
-        try:
-            values = [float(v) for v in p["bbox"]] + [float(p["score"])]
-        except (TypeError, ValueError):
-            raise HarnessError(f"{where} has a non-numeric bbox or score") from None
+        if not (json_numbers(p["bbox"], scalar=False) and json_numbers(p["score"], scalar=True)):
+            raise HarnessError(f"{where} has a bbox that is not a list of numbers, or a score that is not a number")
+        values = [float(v) for v in p["bbox"]] + [float(p["score"])]
         if len(values) != 5 or not np.isfinite(values).all():
             raise HarnessError(f"{where} has a bbox that is not 4 finite numbers, or a non-finite score")
         if values[2] < 0 or values[3] < 0:
