@@ -1,4 +1,4 @@
-"""Writing a file atomically: readers see the old file or the new one, never a part.
+"""Files: writing atomically (readers see the old file or the new one, never a part), and their sha256.
 
 The content goes to a temporary file beside the target (named after it and this process, so
 concurrent writers do not share one), is flushed to disk, then renamed over the target. The
@@ -7,6 +7,7 @@ temporary file is removed when writing fails.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -37,3 +38,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> Path:
     """``obj`` as indented JSON with a final newline."""
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -30,7 +30,7 @@ import submitit
 from harness.cards import task_card
 from harness.datasets.synthetic import write_synthetic_once
 from harness.errors import HarnessError, one_line, one_line_warnings
-from harness.files import write_json_atomic
+from harness.files import sha256_file, write_json_atomic
 from harness.plan import EvalPlan, check_plan, collect, run_dir, synthetic_data_dir
 
 LAUNCHERS = ("inprocess", "local", "slurm")
@@ -524,6 +524,7 @@ def _previous(plan: EvalPlan, launcher: str) -> dict:
     with another card, profile or backbone is refused by the cell itself, as in-process."""
     path = Path(plan.out) / LAUNCH_FILE
     record = _read_json(path)
+    _check_done_cells_match(plan, (record or {}).get("plan") or {})
     if record is None:
         return {"launcher": launcher, "plan": _plan_record(plan), "cells": {}}
     if record.get("launcher") != launcher:
@@ -534,6 +535,31 @@ def _previous(plan: EvalPlan, launcher: str) -> dict:
         record = {"launcher": launcher, "cells": {}}
     record["plan"] = _plan_record(plan)
     return record
+
+
+# What a cell's result depends on besides its task, protocol and seed (the in-process runner checks the same).
+RESULT_SETTINGS = ("backbone", "arch", "profile", "data_root", "synthetic", "batch_size", "accumulate", "precision",
+                   "checkpoint_options")
+
+
+def _check_done_cells_match(plan: EvalPlan, earlier: dict) -> None:
+    """Refuse a launch into a folder whose finished cells were made with other settings or another
+    backbone file: they would be collected as this plan's results, and never be rerun."""
+    done = [p for p in Path(plan.out).glob("*/*/seed*/result.json")]
+    if not done:
+        return
+    now = _plan_record(plan)
+    for key in RESULT_SETTINGS:
+        if key in earlier and earlier[key] != now[key]:
+            raise HarnessError(f"{plan.out} holds results made with {key} {earlier[key]!r} (now {now[key]!r}); "
+                               "use another --out")
+    random = plan.backbone.startswith("random:")
+    sha = sha256_file(plan.backbone) if not random and Path(plan.backbone).is_file() else None
+    for path in done:
+        made = (_read_json(path) or {}).get("backbone", {})
+        if (random and made.get("name") != plan.backbone) or (sha and made.get("sha256") != sha):
+            raise HarnessError(f"{path} was made with another backbone ({made.get('name')}, sha256 {made.get('sha256')}); "
+                               "use another --out")
 
 
 def _to_submit(plan: EvalPlan, record: dict) -> list:

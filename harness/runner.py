@@ -8,6 +8,7 @@ printed table are `harness.plan`'s (no torch there, for the launchers and `harne
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 import datetime as dt
 import os
@@ -92,18 +93,37 @@ def score_predictions(card: TaskCard, test_ds, records: list) -> dict:
 
 
 # ----------------------------------------------------------------------------- runs
-def _finished(path: Path, card: TaskCard, backbone: Backbone, profile: str) -> Result | None:
-    """A finished run's result, when it was made with this card, backbone and profile."""
+def _finished(path: Path, card: TaskCard, backbone: Backbone, plan: EvalPlan, cfg) -> Result | None:
+    """A finished run's result, when it was made as this plan would make it: card, backbone (file, arch,
+    normalization, load options), profile and the training settings after rescaling; else an error."""
     result_path = path / "result.json"
     if not result_path.is_file():
         return None
     result = read_result(result_path)
-    made = (result.card_hash, result.backbone.sha256, result.backbone.arch, result.profile)
-    if made != (card.card_hash, backbone.checkpoint["sha256"], backbone.arch, profile):
-        raise HarnessError(
-            f"{result_path} was made with another task card, backbone or profile; use another --out"
-        )
+    made = {"task card": result.card_hash, "backbone sha256": result.backbone.sha256, "arch": result.backbone.arch,
+            "profile": result.profile, "normalization": result.backbone.model_dump().get("normalization"),
+            "checkpoint options": result.checkpoint_options}
+    asked = {"task card": card.card_hash, "backbone sha256": backbone.checkpoint["sha256"], "arch": backbone.arch,
+             "profile": plan.profile, "normalization": backbone.describe()["normalization"],
+             "checkpoint options": checkpoint_options(plan)}
+    training = {"iterations": cfg.iterations, "batch_size": cfg.batch_size, "lr": cfg.lr, "steps": list(cfg.steps),
+                "accumulate": cfg.accumulate, "precision": cfg.precision}
+    recorded = result.training.model_dump()
+    for key, value in training.items():
+        if key in recorded:  # results written before a setting was recorded are not refused for it
+            made[f"training {key}"], asked[f"training {key}"] = recorded[key], value
+    made, asked = json.loads(json.dumps(made)), json.loads(json.dumps(asked))
+    differ = [key for key in made if made[key] != asked[key]]
+    if differ:
+        key = differ[0]
+        raise HarnessError(f"{result_path} was made with another {', '.join(differ)} ({key}: {made[key]!r}, "
+                           f"now {asked[key]!r}); use another --out")
     return result
+
+
+def checkpoint_options(plan: EvalPlan) -> dict:
+    """The load options given to eval, as its results record them."""
+    return {k: v for k, v in plan.checkpoint_options.items() if v not in (None, False)}
 
 
 def training_groups(card: TaskCard, profile_name: str, data: TaskData) -> list[int] | None:
@@ -190,14 +210,14 @@ def dry_run_cell(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, b
 def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: Backbone, protocol: str,
             seed: int, synthetic: bool, named: dict | None = None, stop_requested=None) -> Result:
     path = run_dir(plan.out, card.name, protocol, seed)
-    done = _finished(path, card, base, plan.profile)
+    workers = loader_workers(plan, env)
+    cfg = train_config(card, plan.profile, seed, plan.batch_size, workers, plan.precision, plan.accumulate)
+    done = _finished(path, card, base, plan, cfg)
     if done is not None:
         if env.is_main:
             print(f"{card.name}/{protocol}/seed{seed}: done earlier, skipped")
         return done
     model, backbone, info, augment = build_cell(plan, env, card, base, protocol, seed)
-    workers = loader_workers(plan, env)
-    cfg = train_config(card, plan.profile, seed, plan.batch_size, workers, plan.precision, plan.accumulate)
     identity = {"task": card.name, "card_hash": card.card_hash, "protocol": protocol, "profile": plan.profile,
                 "backbone": base.checkpoint["sha256"] or plan.backbone, "arch": base.arch}
     trained = train(model, data.train, cfg, path, augment=augment, env=env,
@@ -211,7 +231,7 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
         description = backbone.describe()
         result = Result(
             git_commit=git_commit(), git_dirty=git_dirty(), environment=environment(),
-            checkpoint_options={k: v for k, v in plan.checkpoint_options.items() if v not in (None, False)},
+            checkpoint_options=checkpoint_options(plan),
             backbone={**(named or {"name": plan.backbone if base.checkpoint["path"] is None else Path(plan.backbone).name}),
                       "arch": base.arch, "sha256": base.checkpoint["sha256"], "layout": base.checkpoint["layout"],
                       "parameters": description["parameters"], "normalization": description["normalization"]},

@@ -61,6 +61,12 @@ def test_eval_writes_results_skips_finished_runs_and_aggregates_seeds(tiny, synt
     code, stdout, _ = run_cli(capsys, *args)
     assert code == 0 and stdout.count("done earlier, skipped") == 8
     assert json.loads((out / "results.json").read_text())["runs"] == summary["runs"]
+    # a rerun that would make other results is refused, not answered with these (they were skipped before)
+    for extra, message in [(["--batch-size", "4"], "training batch_size"),
+                           (["--normalization", "caffe"], "another normalization"),
+                           (["--precision", "bf16"], "another training precision")]:
+        code, _, stderr = run_cli(capsys, *args, *extra)
+        assert code == 2 and message in stderr and "use another --out" in stderr, stderr
 
 
 @pytest.mark.slow

@@ -368,3 +368,25 @@ def test_status_of_a_folder_whose_launch_json_is_not_a_launch_record(tmp_path, c
             (folder / "launch.json").write_text(text)
         code, out, err = run_cli(capsys, "status", "--out", folder)
         assert code == 2 and message in err and "\n" not in err.strip()
+
+
+def test_a_launch_into_a_folder_of_other_results_is_refused_before_any_job(synthetic_root, tmp_path, capsys):
+    """Finished cells are collected, never rerun: made with another backbone or settings they would be
+    reported as this plan's results (the in-process runner refuses them the same way)."""
+    out = tmp_path / "run"
+    cell = out / "voc" / "frozen" / "seed0"
+    cell.mkdir(parents=True)
+    (cell / "result.json").write_text(json.dumps({"backbone": {"name": "random:resnet18", "sha256": None}}))
+    args = ["eval", "--tasks", "voc", "--protocols", "frozen", "--profile", "smoke", "--data-root", synthetic_root,
+            "--out", out, "--launcher", "local", "--device", "cpu", "--no-progress"]
+    code, _, err = run_cli(capsys, *args, "--backbone", "random:resnet50")
+    assert code == 2 and "was made with another backbone (random:resnet18, sha256 None); use another --out" in err
+    weights = tmp_path / "r18.pth"
+    weights.write_bytes(b"not the weights the result was made with")
+    code, _, err = run_cli(capsys, *args, "--backbone", weights, "--arch", "resnet18")
+    assert code == 2 and "was made with another backbone" in err
+    plan = EvalPlan(backbone="random:resnet18", tasks=["voc"], protocols=["frozen"], data_root=synthetic_root, out=out)
+    (out / "launch.json").write_text(json.dumps({"launcher": "local", "plan": launch._plan_record(plan), "cells": {}}))
+    code, _, err = run_cli(capsys, *args, "--backbone", "random:resnet18", "--batch-size", "8")
+    assert code == 2 and "holds results made with batch_size None (now 8); use another --out" in err
+    assert not (out / "jobs").exists()

@@ -16,7 +16,8 @@ from harness.checkpoints.export import EXPORT_TARGETS, export_backbone, save_bac
 from harness.checkpoints.formats import LAYOUTS, Layout, d2_to_tv, tv_to_d2
 from harness.checkpoints.load import RANDOM_INIT_SEED, LoadOptions, inspect_checkpoint, load_backbone, \
     match_checkpoint
-from harness.checkpoints.read import read_checkpoint, sha256_file
+from harness.checkpoints.read import read_checkpoint
+from harness.files import sha256_file
 from harness.checkpoints.report import format_inspection
 
 __all__ = ["EXPORT_TARGETS", "LAYOUTS", "Layout", "LoadOptions", "RANDOM_INIT_SEED", "d2_to_tv", "export_backbone",

@@ -17,9 +17,10 @@ from harness.checkpoints.formats import HARNESS_FORMAT, Layout, Probe, arch_name
     tensor_options
 from harness.checkpoints.match import Target, account, choose_prefix, reason
 from harness.checkpoints.report import Match, Reading, Source, random_report
-from harness.checkpoints.read import StateDict, count_tensors, read_checkpoint, select_state_dict, sha256_file, \
-    strip_wrappers, unwrap
+from harness.checkpoints.read import StateDict, count_tensors, read_checkpoint, select_state_dict, strip_wrappers, \
+    unwrap
 from harness.errors import HarnessError
+from harness.files import sha256_file
 from harness.normalization import IMAGENET, Normalization, resolve_normalization
 
 RANDOM_INIT_SEED = 0  # random:<arch> is the architecture's initialisation drawn with this torch seed

@@ -13,7 +13,6 @@ arbitrary code from the file; never the default.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import pathlib
 import pickle
 import re
@@ -94,14 +93,6 @@ class _Refused(pickle.UnpicklingError):
 
 
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sniff(path: Path) -> str:
