@@ -58,6 +58,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from harness.launch import show_status
     from harness.plan import format_table
 
+    if args.poll <= 0:
+        raise HarnessError(f"--poll must be a positive number of seconds, got {args.poll}")
     rows = show_status(Path(args.out), watch=args.watch, poll=args.poll)
     if rows:  # every cell done: collected
         print(format_table(rows))
@@ -93,11 +95,18 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from harness.datasets.synthetic import DEFAULT_SIZES, write_pretrain_synthetic, write_synthetic
 
+    pretrain_only = {"--size": args.size, "--label-noise": args.label_noise, "--image-size": args.image_size}
     if args.pretrain:
-        manifest = write_pretrain_synthetic(Path(args.out), size=args.size, label_noise=args.label_noise,
-                                            seed=args.seed, image_size=args.image_size)
+        if args.sizes:
+            raise HarnessError("--sizes sets the COCO/VOC sets; with --pretrain use --size and --image-size")
+        manifest = write_pretrain_synthetic(Path(args.out), size=1000 if args.size is None else args.size,
+                                            label_noise=args.label_noise or 0.0, seed=args.seed,
+                                            image_size=128 if args.image_size is None else args.image_size)
         print(manifest)
         return 0
+    given = [flag for flag, value in pretrain_only.items() if value is not None]
+    if given:  # the COCO/VOC sets would be written as if they were not there
+        raise HarnessError(f"{given[0]} is for --pretrain (a pretraining set); the COCO/VOC sets take --sizes")
     sizes = {}
     for item in _csv(args.sizes or ""):
         key, _, value = item.partition("=")
@@ -427,9 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sizes", default=None, help="overrides, e.g. coco_train=400,voc07_trainval=100,max_side=256")
     p.add_argument("--pretrain", action="store_true", help="write a multi-label pretraining set (manifest.jsonl)")
-    p.add_argument("--size", type=int, default=1000, help="pretraining images (with --pretrain)")
-    p.add_argument("--label-noise", type=float, default=0.0, help="fraction of corrupted labels (with --pretrain)")
-    p.add_argument("--image-size", type=int, default=128, help="pretraining image side (with --pretrain)")
+    p.add_argument("--size", type=int, default=None, help="pretraining images (with --pretrain; default 1000)")
+    p.add_argument("--label-noise", type=float, default=None, help="fraction of corrupted labels (with --pretrain; default 0)")
+    p.add_argument("--image-size", type=int, default=None, help="pretraining image side (with --pretrain; default 128)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_data_synth)
     p = dsub.add_parser("check", help="report which standard datasets are present under a data root")

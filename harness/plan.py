@@ -67,6 +67,9 @@ def check_plan(plan: EvalPlan) -> list[TaskCard]:
         raise HarnessError("--seeds must be at least 1")
     if plan.workers is not None and plan.workers < 0:
         raise HarnessError("--workers must be 0 or more")
+    file_only = sorted(k for k, v in plan.checkpoint_options.items() if v not in (None, False) and k != "normalization")
+    if plan.backbone.startswith("random:") and file_only:  # they would be recorded in the results, not used
+        raise HarnessError(f"--{file_only[0].replace('_', '-')} reads a checkpoint file; {plan.backbone} has none")
     return cards
 
 

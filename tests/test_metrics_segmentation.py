@@ -135,3 +135,12 @@ def test_score_cli_segmentation(real, tmp_path, capsys):
     code, _, err = run_cli(capsys, *cmd)
     assert code == 2
     assert err.strip().count("\n") == 0 and "no prediction for image s23" in err
+    # a prediction for an image outside the split is an error, as for detections (it was left out silently)
+    (pred_dir / "s23.png").write_bytes((pred_dir / "s1.png").read_bytes())
+    (pred_dir / "2007_999999.png").write_bytes((pred_dir / "s1.png").read_bytes())
+    code, _, err = run_cli(capsys, *cmd)
+    assert code == 2 and "1 prediction(s) for images not in the val split (e.g. 2007_999999.png)" in err
+    (pred_dir / "2007_999999.png").unlink()
+    (voc / "ImageSets/Segmentation/val.txt").write_text("s1\ns23\ns114\ns23\n")  # s23 would count twice
+    code, _, err = run_cli(capsys, *cmd)
+    assert code == 2 and "val.txt: lists image s23 more than once" in err

@@ -166,3 +166,23 @@ def test_commands_that_read_cards_and_folders_import_no_torch(synthetic_root, tm
     assert codes == [0, 0, 0, 0] and modules == []
     assert "present" in printed and "backbone card(s) in" in printed and "task card(s) in" in printed
     assert (tmp_path / "synth" / "VOCdevkit" / "VOC2012" / "SegmentationClass").is_dir()
+
+
+def test_options_that_would_be_ignored_are_refused(run, gt_file, tmp_path, capsys):
+    """An option the command would not use is a mistake to report, not to drop (the score or data were made without it)."""
+    (tmp_path / "p.json").write_text("[]")
+    out = run("score", "--task", "coco", "--gt", gt_file, "--pred", tmp_path / "p.json", "--split", "test")
+    assert out.returncode == 2 and "--split and --year are for VOC folders" in out.stderr
+    out = run("score", "--task", "pose", "--gt", gt_file, "--pred", tmp_path / "p.json", "--year", "2007")
+    assert out.returncode == 2 and "--split and --year are for VOC folders" in out.stderr
+    out = run("score", "--task", "pose", "--gt", gt_file, "--pred", tmp_path / "p.json")  # an instances file
+    assert out.returncode == 2 and "ground truth has no category with keypoints" in out.stderr
+    out = run("score", "--task", "coco", "--gt", tmp_path, "--pred", tmp_path / "p.json")
+    assert out.returncode == 2 and f"COCO ground-truth file expected, got a folder: {tmp_path}" in out.stderr
+    out = run("data", "synth", "--out", tmp_path / "d", "--size", "5", "--label-noise", "0.5")
+    assert out.returncode == 2 and "--size is for --pretrain" in out.stderr and not (tmp_path / "d").exists()
+    out = run("eval", "--backbone", "random:resnet18", "--key", "student", "--tasks", "voc", "--synthetic",
+              "--out", tmp_path / "e", "--dry-run")
+    assert out.returncode == 2 and "--key reads a checkpoint file; random:resnet18 has none" in out.stderr
+    out = run("status", "--out", tmp_path, "--poll", "-5")
+    assert out.returncode == 2 and "--poll must be a positive number of seconds" in out.stderr

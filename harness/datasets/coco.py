@@ -41,6 +41,8 @@ def read_json(path: str | Path, what: str = "JSON file"):
     refuses, are parsed by Python's json, so the values and the validators' messages stay as before.
     """
     path = Path(path)
+    if path.is_dir():
+        raise HarnessError(f"{what} expected, got a folder: {path}")
     if not path.is_file():
         raise HarnessError(f"{what} not found: {path}")
     data = path.read_bytes()

@@ -95,6 +95,9 @@ def read_image_set(voc_dir: str | Path, split: str, kind: str = "Main") -> list[
     ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     if not ids:
         raise HarnessError(f"{path}: the split list is empty")
+    if len(set(ids)) != len(ids):  # each image would count twice in the score
+        twice = next(i for n, i in enumerate(ids) if i in ids[:n])
+        raise HarnessError(f"{path}: lists image {twice} more than once")
     return ids
 
 

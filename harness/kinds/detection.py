@@ -167,6 +167,12 @@ def postprocess(card: TaskCard, test) -> Callable:
     return lambda output, target: box_records(output, target["image_id"], test.category_id)
 
 
+def refuse_voc_options(split, year) -> None:
+    """--split and --year choose within a VOC folder; given with a COCO file they would be ignored."""
+    if split is not None or year is not None:
+        raise HarnessError("--split and --year are for VOC folders; a COCO annotation file is one split already")
+
+
 def _scoring_year(voc_dir: Path, year: str | int | None) -> int:
     """The VOC year that picks the AP definition: the folder's name, or ``--year`` when it does not say one."""
     from harness.datasets.voc import voc_year
@@ -209,6 +215,7 @@ def score_files(card: TaskCard, gt: str | Path, pred: str | Path, split: str | N
     from harness.datasets.coco import load_coco_gt, read_json
 
     if card.dataset.layout == "coco":
+        refuse_voc_options(split, year)
         return coco_box_metrics(load_coco_gt(gt), read_json(pred, "prediction file"), source=str(pred), owned=True)
     from harness.datasets.voc import VOC_CLASSES, load_voc_detection
 

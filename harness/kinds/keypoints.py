@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from harness.kinds.detection import aspect_groups, box_records, check_head_norm, coco_datasets, rcnn_settings
+from harness.kinds.detection import aspect_groups, box_records, check_head_norm, coco_datasets, rcnn_settings, \
+    refuse_voc_options
 from harness.metrics.coco import coco_box_metrics, coco_keypoint_metrics
 
 if TYPE_CHECKING:
@@ -91,4 +92,5 @@ def score_files(card: TaskCard, gt: str | Path, pred: str | Path, split: str | N
     """Keypoint metrics (OKS) of a COCO results file against a person_keypoints annotation file."""
     from harness.datasets.coco import load_coco_gt, read_json
 
+    refuse_voc_options(split, year)
     return coco_keypoint_metrics(load_coco_gt(gt), read_json(pred, "prediction file"), source=str(pred), owned=True)

@@ -112,6 +112,8 @@ def score_files(card: TaskCard, gt: str | Path, pred: str | Path, split: str | N
     """mIoU of a folder of ``<image id>.png`` class-index maps over a VOC segmentation split."""
     if split is None:
         raise HarnessError(f"--split is required for --task {card.name} (e.g. val)")
+    if year is not None:
+        raise HarnessError("--year picks VOC detection's AP definition; mIoU has one definition")
     if not Path(gt).is_dir():
         raise HarnessError(f"VOC folder not found: {gt} (expected VOCdevkit/VOC20xx)")
     return score_segmentation_folder(gt, split, pred)
@@ -126,7 +128,13 @@ def score_segmentation_folder(voc_dir: str | Path, split: str, pred_dir: str | P
         raise HarnessError(f"prediction folder not found: {pred_dir}")
     num_classes = len(SEG_CLASSES)
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for image_id in read_image_set(voc_dir, split, "Segmentation"):
+    ids = read_image_set(voc_dir, split, "Segmentation")
+    known = set(ids)
+    others = sorted(p.name for p in pred_dir.glob("*.png") if p.stem not in known)
+    if others:  # as a detection for an unknown image: an error, not a prediction left out without a word
+        raise HarnessError(f"{pred_dir}: {len(others)} prediction(s) for images not in the {split} split "
+                           f"(e.g. {others[0]}); score a folder holding this split's predictions only")
+    for image_id in ids:
         pred_path = pred_dir / f"{image_id}.png"
         if not pred_path.is_file():
             raise HarnessError(f"{pred_dir}: no prediction for image {image_id} (expected {pred_path.name})")
@@ -134,5 +142,5 @@ def score_segmentation_folder(voc_dir: str | Path, split: str, pred_dir: str | P
         try:
             cm += confusion_matrix(gt_mask, read_label_png(pred_path), num_classes)
         except HarnessError as exc:
-            raise HarnessError(f"{pred_path}: {exc}") from None
+            raise HarnessError(str(exc) if str(exc).startswith(str(pred_path)) else f"{pred_path}: {exc}") from None
     return segmentation_metrics(cm, SEG_CLASSES)

@@ -153,8 +153,8 @@ def coco_keypoint_metrics(gt: dict, preds: list[dict], source: str = "prediction
 
     owned: as for `coco_box_metrics`.
     """
-    validate_predictions(gt, preds, "keypoints", source)
     if not any(cat.get("keypoints") for cat in gt["categories"]):
         raise HarnessError("ground truth has no category with keypoints: is this a person_keypoints file?")
+    validate_predictions(gt, preds, "keypoints", source)
     return _evaluate(gt, preds, "keypoints", KEYPOINT_METRICS, owned)
 
