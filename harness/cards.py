@@ -57,6 +57,11 @@ class Split(_Strict):
     images: str | None = None
     sets: list[tuple[str, str]] | None = None  # VOC: [("VOC2007", "trainval"), ("VOC2012", "trainval")]
 
+    @property
+    def name(self) -> str:
+        """The split as results record it: the COCO annotation file, or VOC's folder/split list(s) joined by +."""
+        return self.annotations if self.annotations else "+".join(f"{folder}/{split}" for folder, split in self.sets)
+
 
 class DatasetSpec(_Strict):
     name: str

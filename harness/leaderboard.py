@@ -176,6 +176,8 @@ def check_submission(sub: Submission, cards: dict[str, TaskCard], file: str) -> 
                 err(f"{at}.dataset.name", f"{r.dataset.name!r} is not the {r.task} card's data set {card.dataset.name!r}")
             if card.metric.primary not in r.metrics:
                 err(f"{at}.metrics", f"the task's primary metric {card.metric.primary!r} is missing")
+            for where, message in _protocol_departures(r, card):
+                err(f"{at}.{where}", message)
         if r.profile == "smoke":
             err(f"{at}.profile", "smoke results cannot go on the leaderboard")
         if r.dataset.synthetic:
@@ -204,6 +206,33 @@ def check_submission(sub: Submission, cards: dict[str, TaskCard], file: str) -> 
             if not abs(m.std - std) <= CONSISTENCY_TOL:
                 err(f"{where}.std", f"{m.std} is not the sample std of the values ({std:.6f})")
     return errors, notes
+
+
+def _protocol_departures(r: TaskResult, card: TaskCard) -> list[tuple[str, str]]:
+    """What the result says it ran that is not the card's protocol, with ``off_protocol`` silent about it:
+    the test split and its standard image count, the total batch, iterations and precision."""
+    from harness.datasets.get import load_registry
+
+    if r.profile == "smoke":  # refused as such
+        return []
+    if r.profile not in card.profiles:
+        return [("profile", f"task {r.task} has no profile {r.profile!r}")]
+    p, split, t = card.profile(r.profile), card.dataset.test.name, r.training
+    found = []
+    if r.dataset.test_split != split:
+        found.append(("dataset.test_split", f"{r.dataset.test_split!r} is not the {r.task} card's test split {split!r}"))
+    standard = load_registry().test_images.get(split)
+    if standard is not None and r.dataset.images_scored != standard:
+        found.append(("dataset.images_scored", f"{r.dataset.images_scored} images scored; {split} has {standard}"))
+    for name, made, card_value in (("batch_size", t.batch_size, p.batch_size), ("iterations", t.iterations, p.iterations),
+                                   ("precision", t.precision, p.precision)):
+        if not t.off_protocol and made != card_value:
+            found.append((f"training.{name}", f"{made!r} is not the card's {card_value!r} (and off_protocol is empty)"))
+    if t.batch_size % t.world_size:
+        found.append(("training.world_size", f"{t.world_size} processes cannot share a total batch of {t.batch_size}"))
+    if any(not (math.isfinite(w) and w >= 0) for w in t.wall_time_s):
+        found.append(("training.wall_time_s", f"{t.wall_time_s}: wall times are non-negative seconds"))
+    return found
 
 
 def load_submission(path: Path) -> tuple[Submission | None, list[Problem]]:

@@ -26,6 +26,7 @@ from harness import leaderboard as lb
 from harness import leaderboard_render, nightly
 from harness.cards import all_cards
 from harness.cli import main
+from harness.datasets.get import load_registry
 from harness.errors import HarnessError
 from harness.results import MetricStats, Result, read_results, summarize, write_result, write_results
 from tests.support import Browser, chromium
@@ -37,6 +38,9 @@ BASE = {"coco": 0.0, "voc": 40.0, "seg": 25.0, "pose": 20.0}  # offset of each t
 
 
 # ----------------------------------------------------------------------------- fixtures
+TEST_IMAGES = load_registry().test_images  # the standard test splits' image counts
+
+
 def fabricate_run(out: Path, *, level: float = 40.0, profile: str = "full", offsets=(-0.3, 0.0, 0.3),
                   tasks=("coco", "voc", "seg", "pose"), shift: dict | None = None, synthetic: bool = False,
                   sha: str | None = SHA, ckpt: str = "r50.pth") -> Path:
@@ -54,15 +58,17 @@ def fabricate_run(out: Path, *, level: float = 40.0, profile: str = "full", offs
                            for k, m in enumerate(card.metric.columns)}
                 if task == "voc":
                     metrics["AP50_per_class"] = [50.0] * 20  # not scalar: summarize leaves it out
+                p = card.profile(profile)
                 r = Result(
                     backbone={"name": ckpt, "arch": "resnet50", "sha256": sha, "layout": "torchvision",
                               "parameters": 23_508_032},
                     task=task, card_hash=card.card_hash, protocol=protocol, profile=profile, seed=seed,
-                    dataset={"name": card.dataset.name, "train_split": "train", "test_split": "val",
-                             "images_trained": 100, "images_scored": 50, "synthetic": synthetic},
+                    dataset={"name": card.dataset.name, "train_split": card.dataset.train.name,
+                             "test_split": card.dataset.test.name, "images_trained": 100,
+                             "images_scored": TEST_IMAGES.get(card.dataset.test.name, 50), "synthetic": synthetic},
                     metrics=metrics,
-                    training={"iterations": 10, "batch_size": 2, "lr": 0.01, "world_size": 1, "device": "cuda",
-                              "precision": "amp", "wall_time_s": 12.5 + seed},
+                    training={"iterations": p.iterations, "batch_size": p.batch_size, "lr": p.lr, "world_size": 8,
+                              "device": "cuda", "precision": p.precision, "wall_time_s": 12.5 + seed},
                     created="2026-01-01T00:00:00+00:00",
                 )
                 write_result(out / task / protocol / f"seed{seed}" / "result.json", r)
@@ -213,6 +219,19 @@ BREAKS = [  # (mutation, field, message): each must give exactly one error line
     (lambda d: d["backbone"].update(parameters="many"), "backbone.parameters", "valid integer"),
     (lambda d: d["backbone"].update(checkpoint_sha256="xyz"), "backbone.checkpoint_sha256", "pattern"),
     (lambda d: d.update(leaderboard_rank=1), "leaderboard_rank", "Extra inputs are not permitted"),
+    # what the result says it ran must be the card's protocol (a submission's word was taken for it before)
+    (lambda d: _first(d)["dataset"].update(images_scored=50), "results[0].dataset.images_scored",
+     "50 images scored; annotations/instances_val2017.json has 5000"),
+    (lambda d: _first(d)["dataset"].update(test_split="annotations/instances_train2017.json"),
+     "results[0].dataset.test_split", "is not the coco card's test split 'annotations/instances_val2017.json'"),
+    (lambda d: _first(d)["training"].update(batch_size=8), "results[0].training.batch_size",
+     "8 is not the card's 16 (and off_protocol is empty)"),
+    (lambda d: _first(d)["training"].update(iterations=10), "results[0].training.iterations", "is not the card's 90000"),
+    (lambda d: _first(d)["training"].update(precision="fp16"), "results[0].training.precision", "is not the card's"),
+    (lambda d: _first(d)["training"].update(world_size=3), "results[0].training.world_size",
+     "3 processes cannot share a total batch of 16"),
+    (lambda d: _first(d)["training"].update(wall_time_s=[-1.0, 1.0, 1.0]), "results[0].training.wall_time_s",
+     "wall times are non-negative seconds"),
 ]
 
 

@@ -47,6 +47,7 @@ class Registry(_Strict):
     archives: dict[str, Archive]
     datasets: dict[str, DatasetEntry]
     counts: dict[str, dict[str, int]] = {}
+    test_images: dict[str, int] = {}  # standard test splits, by their name in results
 
 
 def registry_path(path: str | Path | None = None) -> Path:

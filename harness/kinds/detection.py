@@ -68,7 +68,7 @@ def coco_datasets(card: TaskCard, root: Path, keypoints: bool) -> tuple:
     coco = roots.require_coco(root, [spec.train.annotations, spec.train.images, spec.test.annotations, spec.test.images])
     train = CocoDetection(coco / spec.train.annotations, coco / spec.train.images, keypoints=keypoints, train=True)
     test = CocoDetection(coco / spec.test.annotations, coco / spec.test.images, keypoints=keypoints, train=False)
-    return train, test, spec.train.annotations, spec.test.annotations
+    return train, test, spec.train.name, spec.test.name
 
 
 def datasets(card: TaskCard, root: Path) -> tuple:
@@ -82,7 +82,7 @@ def datasets(card: TaskCard, root: Path) -> tuple:
     for folder, _ in spec.train.sets + spec.test.sets:
         roots.require(root, folder)
     return (VOCDetection(voc_sets(root, spec.train.sets)), VOCDetection(voc_sets(root, spec.test.sets)),
-            "+".join(f"{f}/{s}" for f, s in spec.train.sets), "+".join(f"{f}/{s}" for f, s in spec.test.sets))
+            spec.train.name, spec.test.name)
 
 
 def aspect_groups(dataset) -> list[int] | None:

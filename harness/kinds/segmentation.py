@@ -51,7 +51,7 @@ def datasets(card: TaskCard, root: Path) -> tuple:
         roots.require(root, "SBD (train_aug)")
         sbd = roots.sbd_dir(root)
     return (VOCSegmentation(voc12, train_split, sbd_dir=sbd), VOCSegmentation(voc12, test_split),
-            f"VOC2012/{train_split}", f"VOC2012/{test_split}")
+            spec.train.name, spec.test.name)
 
 
 def train_groups(card: TaskCard, profile_name: str, train) -> None:
