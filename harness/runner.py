@@ -8,12 +8,13 @@ printed table are `harness.plan`'s (no torch there, for the launchers and `harne
 from __future__ import annotations
 
 import copy
-import json
 import dataclasses
 import datetime as dt
+import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from harness.datasets import roots
 from harness.datasets.synthetic import MARKER, check_default_synthetic, write_synthetic_once
 from harness.distributed import DistEnv, barrier, init_distributed
 from harness.engine import TrainConfig, amp_dtype, predict, train
-from harness.errors import HarnessError
+from harness.errors import HarnessError, HarnessWarning
 from harness.kinds import KINDS
 from harness.plan import EvalPlan, check_plan, run_dir, synthetic_data_dir
 from harness.protocols import apply_protocol
@@ -44,11 +45,19 @@ class TaskData:
 
 def task_data(card: TaskCard, root: Path, profile_name: str) -> TaskData:
     """The card's train and test datasets under a data root (its kind's ``datasets``), the training
-    set cut to the profile's ``train_images``; a missing dataset is a one-line error."""
+    set cut to the profile's ``train_images``; a missing dataset is a one-line error. Real data whose
+    test split is not the standard one's size is scored, with a warning: its numbers do not compare."""
+    from harness.datasets.get import load_registry
+
     train_ds, test_ds, *names = KINDS[card.model.kind].datasets(card, root)
     limit = card.profile(profile_name).train_images
     if limit is not None and limit < len(train_ds):
         train_ds = torch.utils.data.Subset(train_ds, range(limit))
+    standard = load_registry().test_images.get(names[1])
+    if standard is not None and len(test_ds) != standard and not (Path(root) / MARKER).is_file():
+        warnings.warn(f"{card.name}: {names[1]} under {root} has {len(test_ds)} images, the standard split "
+                      f"{standard}: its numbers do not compare with published ones (the leaderboard refuses them)",
+                      HarnessWarning, stacklevel=2)
     return TaskData(train_ds, test_ds, *names)
 
 

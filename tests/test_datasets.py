@@ -20,7 +20,7 @@ from harness.datasets.voc import (
     read_label_png,
     read_voc_xml,
 )
-from harness.errors import HarnessError
+from harness.errors import HarnessError, HarnessWarning
 from tests.support import run_cli
 
 
@@ -153,7 +153,9 @@ def test_coco_tasks_need_only_their_own_annotation_files(synthetic_root, tmp_pat
     for split in ("train", "val"):  # detection only: no person_keypoints_*.json
         (coco / "annotations" / f"instances_{split}2017.json").symlink_to(
             synthetic_root / "coco" / "annotations" / f"instances_{split}2017.json")
-    data = task_data(task_card("coco"), tmp_path, "smoke")
+    with pytest.warns(HarnessWarning, match=r"coco: annotations/instances_val2017.json under .* has \d+ images, the "
+                                             r"standard split 5000: its numbers do not compare"):
+        data = task_data(task_card("coco"), tmp_path, "smoke")  # real layout, no SYNTHETIC.json, 50 images
     assert len(data.test) == len(load_coco_gt(coco / "annotations" / "instances_val2017.json")["images"])
     with pytest.raises(HarnessError, match=f"COCO 2017 not found under {tmp_path}: missing .*person_keypoints_train2017.json"):
         task_data(task_card("pose"), tmp_path, "smoke")
