@@ -59,7 +59,10 @@ def check_plan(plan: EvalPlan) -> list[TaskCard]:
         raise HarnessError("--accumulate must be at least 1")
     cards = [task_card(t) for t in plan.tasks]
     for card in cards:
-        card.profile(plan.profile)
+        total = plan.batch_size or card.profile(plan.profile).batch_size
+        if total % plan.accumulate:  # found here, by --dry-run too, not when the cell starts
+            raise HarnessError(f"{card.name}: a total batch of {total} does not split into --accumulate "
+                               f"{plan.accumulate} equal micro-batches")
         for protocol in plan.protocols:
             if protocol not in card.protocols:
                 raise HarnessError(f"task {card.name} has no protocol {protocol!r}")

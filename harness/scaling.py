@@ -65,9 +65,14 @@ def parse_fractions(text: str) -> list[float]:
     if not items:
         raise HarnessError("--fractions needs at least one fraction, e.g. 0.1,0.3,1")
     try:
-        fractions = [check_fraction(float(t)) for t in items]
+        fractions = [float(t) for t in items]
     except ValueError:
         raise HarnessError(f"--fractions: bad list {text!r} (numbers in (0, 1], comma-separated)") from None
+    for f in fractions:
+        try:
+            check_fraction(f)
+        except HarnessError:
+            raise HarnessError(f"--fractions: {f} is not in (0, 1]") from None
     if len(set(fractions)) != len(fractions):
         raise HarnessError(f"--fractions: {text!r} repeats a fraction")
     return sorted(fractions)

@@ -186,3 +186,18 @@ def test_options_that_would_be_ignored_are_refused(run, gt_file, tmp_path, capsy
     assert out.returncode == 2 and "--key reads a checkpoint file; random:resnet18 has none" in out.stderr
     out = run("status", "--out", tmp_path, "--poll", "-5")
     assert out.returncode == 2 and "--poll must be a positive number of seconds" in out.stderr
+
+
+def test_mistakes_are_found_early_and_named_as_given(run, tmp_path):
+    """--dry-run finds what the cell would refuse; an error names the option given; a list in it stays short."""
+    out = run("eval", "--backbone", "random:resnet18", "--tasks", "voc", "--batch-size", "3", "--accumulate", "2",
+              "--synthetic", "--out", tmp_path / "e", "--dry-run")
+    assert out.returncode == 2 and "a total batch of 3 does not split into --accumulate 2" in out.stderr
+    out = run("scaling", "--data", tmp_path, "--arch", "resnet18", "--fractions", "0.1,2", "--tasks", "voc",
+              "--out", tmp_path / "s")
+    assert out.returncode == 2 and "--fractions: 2.0 is not in (0, 1]" in out.stderr
+    import torch
+    torch.save({f"head{i}.weight": torch.zeros(1) for i in range(500)}, tmp_path / "many.pth")
+    out = run("inspect", "--backbone", tmp_path / "many.pth", "--arch", "resnet18", "--key", "bogus")
+    assert out.returncode == 2 and "checkpoint has no entry 'bogus'" in out.stderr and "(500 in all)" in out.stderr
+    assert len(out.stderr) < 400

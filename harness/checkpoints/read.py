@@ -240,7 +240,9 @@ def select_state_dict(obj, key: str | None):
     if key is not None:
         for part in key.split("/"):
             if not isinstance(cur, dict) or part not in cur:
-                entries = sorted(map(str, cur)) if isinstance(cur, dict) else type(cur).__name__
+                names = sorted(map(str, cur)) if isinstance(cur, dict) else []
+                entries = (", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+                           if isinstance(cur, dict) else f"it holds a {type(cur).__name__}")
                 raise HarnessError(f"checkpoint has no entry {key!r} (entries: {entries})")
             others += [("/".join(path + [str(k)]), v) for k, v in cur.items() if k != part]
             path.append(part)
