@@ -316,6 +316,12 @@ class BackboneCard(_Strict):
         return self.urls[0].rstrip("/").rsplit("/", 1)[-1]
 
 
+def is_card_name(spec: str) -> bool:
+    """A --backbone value that names a card: not random:<arch>, not an existing file, no path separator."""
+    return not spec.startswith("random:") and not Path(spec).exists() and "/" not in spec and "\\" not in spec \
+        and not spec.endswith((".pth", ".pt", ".pkl", ".tar", ".safetensors", ".ckpt", ".bin"))
+
+
 def backbone_card(name: str) -> BackboneCard:
     """The card `backbones/<name>.yaml`; an unknown name is a one-line error listing the known ones."""
     folder = backbone_cards_dir()

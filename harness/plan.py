@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.cards import PROTOCOLS, TaskCard, task_card
+from harness.cards import PROTOCOLS, TaskCard, backbone_card, is_card_name, task_card
 from harness.errors import HarnessError
 from harness.results import RESULTS_NAME, RunSummary, read_result, summarize, write_results
 
@@ -70,6 +70,11 @@ def check_plan(plan: EvalPlan) -> list[TaskCard]:
         raise HarnessError("--seeds must be at least 1")
     if plan.workers is not None and plan.workers < 0:
         raise HarnessError("--workers must be 0 or more")
+    if is_card_name(plan.backbone):
+        backbone_card(plan.backbone)  # an unknown name is a one-line error here, before any cell or job
+    elif not plan.backbone.startswith("random:") and not Path(plan.backbone).is_file():
+        raise HarnessError(f"--backbone {plan.backbone}: no such checkpoint file (or a random:<arch>, or a backbone "
+                           "card name: `harness backbones list`)")
     file_only = sorted(k for k, v in plan.checkpoint_options.items() if v not in (None, False) and k != "normalization")
     if plan.backbone.startswith("random:") and file_only:  # they would be recorded in the results, not used
         raise HarnessError(f"--{file_only[0].replace('_', '-')} reads a checkpoint file; {plan.backbone} has none")

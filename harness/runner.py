@@ -32,7 +32,8 @@ from harness.plan import EvalPlan, check_plan, run_dir, synthetic_data_dir
 from harness.protocols import apply_protocol
 from harness.results import (RESULTS_NAME, Result, RunSummary, environment, git_commit, git_dirty, read_result,
                              summarize, write_result, write_results)
-from harness.zoo import fetch_backbone, is_card_name, load_eval_backbone
+from harness.cards import is_card_name
+from harness.zoo import fetch_backbone, load_eval_backbone
 
 # ----------------------------------------------------------------------------- data
 @dataclass

@@ -6,16 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.backbones import Backbone
-from harness.cards import BackboneCard, backbone_card
+from harness.cards import BackboneCard, backbone_card, is_card_name
 from harness.checkpoints import load_backbone
 from harness.errors import HarnessError
 from harness.fetch import cache_dir, fetch, source_of
-
-
-def is_card_name(spec: str) -> bool:
-    """A --backbone value that names a card: not random:<arch>, not an existing file, no path separator."""
-    return not spec.startswith("random:") and not Path(spec).exists() and "/" not in spec and "\\" not in spec \
-        and not spec.endswith((".pth", ".pt", ".pkl", ".tar", ".safetensors", ".ckpt", ".bin"))
 
 
 def fetch_backbone(card: BackboneCard, progress: bool = True, log=print) -> Path:

@@ -201,3 +201,7 @@ def test_mistakes_are_found_early_and_named_as_given(run, tmp_path):
     out = run("inspect", "--backbone", tmp_path / "many.pth", "--arch", "resnet18", "--key", "bogus")
     assert out.returncode == 2 and "checkpoint has no entry 'bogus'" in out.stderr and "(500 in all)" in out.stderr
     assert len(out.stderr) < 400
+    # a launcher checks the backbone exists before any job (each job failed on it, after the queue)
+    out = run("eval", "--backbone", tmp_path / "nope.pth", "--tasks", "voc", "--synthetic", "--out", tmp_path / "l",
+              "--launcher", "local")
+    assert out.returncode == 2 and "nope.pth: no such checkpoint file" in out.stderr and not (tmp_path / "l").exists()
