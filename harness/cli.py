@@ -132,6 +132,9 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     if wrong:
         print(f"harness: error: wrong image counts in {', '.join(wrong)} (listed above)", file=sys.stderr)
         return 1
+    if not any(r["present"] for r in rows):  # `harness data check && harness eval ...` must not go on
+        print(f"harness: error: no standard dataset is complete under {args.root} (`harness data get`)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -203,6 +203,9 @@ def test_data_check_reports_wrong_counts(tmp_path, source, capsys):
     assert code == 1, err
     assert "wrong count: trainval: expected 5,011, found 2" in out  # the shipped registry's standard number
     assert "wrong image counts in VOC2007" in err
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli(capsys, "data", "check", "--root", tmp_path / "empty")
+    assert code == 1 and "MISSING" in out and "no standard dataset is complete under" in err  # exit 0 before
 
 
 @pytest.mark.slow
