@@ -90,6 +90,7 @@ def _without(gt: dict, key: str) -> dict:
          "images[0] has id 'a': COCO ids are integers"),  # was: a ValueError traceback from the evaluator
         ("coco", {**GT, "categories": [{"id": 18.0, "name": "dog"}]}, "categories[0] has id 18.0: COCO ids are integers"),
         ("coco", {**GT, "annotations": GT["annotations"] * 2}, "annotations[1] repeats annotation id 1"),
+        ("coco", {**GT, "annotations": [{**GT["annotations"][0], "id": [1]}]}, "annotations[0] has id [1]: COCO ids are"),
         ("coco", {**GT, "images": GT["images"] + GT["images"][:1]}, "images[2] repeats id 7"),
         ("coco", {**GT, "annotations": []}, "no annotations: nothing to train on or score against"),  # was: all null
         ("coco", {**GT, "annotations": [{**GT["annotations"][0], "bbox": [10, float("nan"), 40, 30]}]},

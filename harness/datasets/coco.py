@@ -61,7 +61,7 @@ def read_json(path: str | Path, what: str = "JSON file"):
 def validate_coco_gt(gt, source: str) -> dict:
     """Check the structure a COCO evaluator relies on; returns `gt` unchanged.
 
-    Image and category ids are integers; every annotation has an unique ``id``, known ``image_id`` and
+    Image and category ids are integers; every annotation has a unique integer ``id``, known ``image_id`` and
     ``category_id``, a ``bbox`` and an ``area`` (the area ranges of APs/APm/APl are read from it, not
     from the box); an annotation of a category with keypoints has ``keypoints`` (x, y, v per named
     keypoint) and ``num_keypoints``. pycocotools refuses a file without them; scoring one as if the
@@ -83,6 +83,8 @@ def validate_coco_gt(gt, source: str) -> dict:
         for key in ("id", "image_id", "category_id", "bbox", "area"):
             if key not in ann:
                 raise HarnessError(f"{source}: annotations[{i}] has no '{key}'")
+        if type(ann["id"]) is not int:
+            raise HarnessError(f"{source}: annotations[{i}] has id {ann['id']!r}: COCO ids are integers")
         if ann["id"] in ann_ids:
             raise HarnessError(f"{source}: annotations[{i}] repeats annotation id {ann['id']!r}")
         ann_ids.add(ann["id"])
