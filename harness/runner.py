@@ -308,6 +308,9 @@ def run_eval(plan: EvalPlan) -> list[RunSummary]:
                 if not plan.dry_run:
                     results.append(run_one(plan, env, card, data, base, protocol, seed, synthetic, named))
                     continue
+                cfg = train_config(card, plan.profile, seed, plan.batch_size, loader_workers(plan, env), plan.precision,
+                                   plan.accumulate)
+                _finished(run_dir(plan.out, card.name, protocol, seed), card, base, plan, cfg)  # the real run would refuse
                 row = cell_plan(plan, card, data, protocol, seed)
                 row["dry_run_s"] = dry_run_cell(plan, env, card, data, base, protocol, seed)
                 planned.append(row)

@@ -67,6 +67,8 @@ def test_eval_writes_results_skips_finished_runs_and_aggregates_seeds(tiny, synt
                            (["--precision", "bf16"], "another training precision")]:
         code, _, stderr = run_cli(capsys, *args, *extra)
         assert code == 2 and message in stderr and "use another --out" in stderr, stderr
+    code, _, stderr = run_cli(capsys, *args, "--batch-size", "4", "--dry-run")  # the dry run finds it too
+    assert code == 2 and "training batch_size" in stderr
 
 
 @pytest.mark.slow
