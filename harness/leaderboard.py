@@ -152,7 +152,10 @@ def submission_files(board: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- validate
 def check_submission(sub: Submission, cards: dict[str, TaskCard], file: str) -> tuple[list[Problem], list[Problem]]:
     """The rules beyond the schema: (errors, notes). Notes name results made under an older card."""
+    from harness.datasets.get import load_registry
+
     errors, notes = [], []
+    test_images = load_registry().test_images
 
     def err(where: str, message: str) -> None:
         errors.append(Problem(file, where, message))
@@ -176,7 +179,7 @@ def check_submission(sub: Submission, cards: dict[str, TaskCard], file: str) -> 
                 err(f"{at}.dataset.name", f"{r.dataset.name!r} is not the {r.task} card's data set {card.dataset.name!r}")
             if card.metric.primary not in r.metrics:
                 err(f"{at}.metrics", f"the task's primary metric {card.metric.primary!r} is missing")
-            for where, message in _protocol_departures(r, card):
+            for where, message in _protocol_departures(r, card, test_images):
                 err(f"{at}.{where}", message)
         if r.profile == "smoke":
             err(f"{at}.profile", "smoke results cannot go on the leaderboard")
@@ -208,11 +211,9 @@ def check_submission(sub: Submission, cards: dict[str, TaskCard], file: str) -> 
     return errors, notes
 
 
-def _protocol_departures(r: TaskResult, card: TaskCard) -> list[tuple[str, str]]:
+def _protocol_departures(r: TaskResult, card: TaskCard, test_images: dict[str, int]) -> list[tuple[str, str]]:
     """What the result says it ran that is not the card's protocol, with ``off_protocol`` silent about it:
-    the test split and its standard image count, the total batch, iterations and precision."""
-    from harness.datasets.get import load_registry
-
+    the test split and its standard image count (``test_images``), the total batch, iterations and precision."""
     if r.profile == "smoke":  # refused as such
         return []
     if r.profile not in card.profiles:
@@ -221,7 +222,7 @@ def _protocol_departures(r: TaskResult, card: TaskCard) -> list[tuple[str, str]]
     found = []
     if r.dataset.test_split != split:
         found.append(("dataset.test_split", f"{r.dataset.test_split!r} is not the {r.task} card's test split {split!r}"))
-    standard = load_registry().test_images.get(split)
+    standard = test_images.get(split)
     if standard is not None and r.dataset.images_scored != standard:
         found.append(("dataset.images_scored", f"{r.dataset.images_scored} images scored; {split} has {standard}"))
     for name, made, card_value in (("batch_size", t.batch_size, p.batch_size), ("iterations", t.iterations, p.iterations),
