@@ -17,7 +17,7 @@ import torch
 from harness.datasets.images import read_image
 from harness.errors import HarnessError
 from harness.gcpause import gc_paused
-from harness.metrics import json_numbers, real_types
+from harness.metrics import json_numbers, member, real_types
 
 
 def _has_digit_run(data: bytes, n: int = 19) -> bool:
@@ -88,9 +88,9 @@ def validate_coco_gt(gt, source: str) -> dict:
         if ann["id"] in ann_ids:
             raise HarnessError(f"{source}: annotations[{i}] repeats annotation id {ann['id']!r}")
         ann_ids.add(ann["id"])
-        if not _member(ann["image_id"], image_ids):
+        if not member(ann["image_id"], image_ids):
             raise HarnessError(f"{source}: annotations[{i}] names image_id {ann['image_id']!r}, not in 'images'")
-        if not _member(ann["category_id"], keypoint_values):
+        if not member(ann["category_id"], keypoint_values):
             raise HarnessError(f"{source}: annotations[{i}] names category_id {ann['category_id']!r}, not in 'categories'")
         values = keypoint_values[ann["category_id"]]
         if values and not (isinstance(ann.get("keypoints"), list) and len(ann["keypoints"]) == values
@@ -101,13 +101,6 @@ def validate_coco_gt(gt, source: str) -> dict:
         raise HarnessError(f"{source}: no annotations: nothing to train on or score against")
     _check_boxes(gt["annotations"], source)
     return gt
-
-
-def _member(value, ids) -> bool:
-    try:
-        return value in ids
-    except TypeError:  # unhashable: a list or an object
-        return False
 
 
 def _check_boxes(anns: list, source: str) -> None:
@@ -131,7 +124,7 @@ def _unique_integer_ids(entries: list, what: str, source: str) -> set:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "id" not in entry:
             raise HarnessError(f"{source}: {what}[{i}] has no 'id'")
-        if not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
+        if type(entry["id"]) is not int:  # not a bool, a float or a string
             raise HarnessError(f"{source}: {what}[{i}] has id {entry['id']!r}: COCO ids are integers")
         if entry["id"] in ids:
             raise HarnessError(f"{source}: {what}[{i}] repeats id {entry['id']!r}")

@@ -13,3 +13,11 @@ def real_types(types) -> bool:
 def json_numbers(value, scalar: bool) -> bool:
     """``value`` is a number (``scalar``), or a list of numbers."""
     return real_types({type(value)}) if scalar else isinstance(value, list) and real_types(set(map(type, value)))
+
+
+def member(value, ids) -> bool:
+    """``value in ids``, False for an unhashable value (a list or an object read from JSON)."""
+    try:
+        return value in ids
+    except TypeError:
+        return False

@@ -15,7 +15,7 @@ import numpy as np
 
 from harness.errors import HarnessError, HarnessWarning
 from harness.gcpause import gc_paused
-from harness.metrics import json_numbers, real_types
+from harness.metrics import json_numbers, member, real_types
 
 BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 KEYPOINT_METRICS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
@@ -86,11 +86,11 @@ def _first_malformed(preds: list, source: str, image_ids: set, length: dict, fie
         for key in ("image_id", "category_id", field, "score"):
             if key not in p:
                 raise HarnessError(f"{source}: {_entry(preds, i)} has no '{key}'")
-        if not _member(p["image_id"], image_ids):
+        if not member(p["image_id"], image_ids):
             raise HarnessError(
                 f"{source}: {_entry(preds, i)} names image_id {p['image_id']!r}, which is not in the ground truth"
             )
-        if not _member(p["category_id"], length):
+        if not member(p["category_id"], length):
             raise HarnessError(
                 f"{source}: {_entry(preds, i)} names category_id {p['category_id']!r}, "
                 f"which is not in the ground truth (ids: {sorted(length)[:20]})"
@@ -98,13 +98,6 @@ def _first_malformed(preds: list, source: str, image_ids: set, length: dict, fie
         if not isinstance(p[field], list) or len(p[field]) != length[p["category_id"]]:
             expected = "[x, y, w, h]" if field == "bbox" else f"{length[p['category_id']]} numbers (x, y, v per keypoint)"
             raise HarnessError(f"{source}: {_entry(preds, i)} {field} is not {expected}")
-
-
-def _member(value, ids) -> bool:
-    try:
-        return value in ids
-    except TypeError:  # unhashable (a list or an object)
-        return False
 
 
 def _raise_first(preds, source: str, mask: np.ndarray, what: str) -> None:
