@@ -52,7 +52,7 @@ OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 # settings that do not change the trained weights; a resume may differ in them
-_NOT_FINGERPRINTED = ("checkpoint_period", "log_period", "num_workers")
+NOT_FINGERPRINTED = ("checkpoint_period", "log_period", "num_workers")
 
 
 @dataclass
@@ -244,7 +244,7 @@ def _precision_name(dtype: torch.dtype | None) -> str:
 
 
 def _fingerprint(cfg: TrainConfig, world_size: int, num_images: int) -> dict:
-    fp = {k: v for k, v in cfg.as_dict().items() if k not in _NOT_FINGERPRINTED}
+    fp = {k: v for k, v in cfg.as_dict().items() if k not in NOT_FINGERPRINTED}
     fp.update(world_size=world_size, dataset_size=num_images)
     return fp
 

@@ -537,7 +537,8 @@ def _previous(plan: EvalPlan, launcher: str) -> dict:
     return record
 
 
-# What a cell's result depends on besides its task, protocol and seed (the in-process runner checks the same).
+# What a cell's result depends on besides its task, protocol and seed (the in-process runner checks the same, the
+# data by what each result recorded: synthetic or not, its splits and their sizes).
 RESULT_SETTINGS = ("backbone", "arch", "profile", "data_root", "synthetic", "batch_size", "accumulate", "precision",
                    "checkpoint_options")
 

@@ -99,7 +99,7 @@ def collect(plan: EvalPlan) -> list[RunSummary]:
     made = {(r.backbone.sha256, r.backbone.arch) for r in results}
     if len(made) > 1:
         raise HarnessError(f"{plan.out} holds results of {len(made)} different backbones; use another --out")
-    summary = summarize(results, synthetic=any(r.dataset.synthetic for r in results))
+    summary = summarize(results)
     write_results(Path(plan.out) / RESULTS_NAME, summary)
     return summary.runs
 

@@ -182,6 +182,18 @@ def read_sidecar(out) -> dict | None:
     return None if record is None else record.model_dump()
 
 
+def _weights_settings(settings: dict | None) -> dict | None:
+    """A run's recorded settings without those that do not change the weights (loader workers,
+    logging and checkpoint periods), as JSON reads them back."""
+    if settings is None:
+        return None
+    from harness.engine import NOT_FINGERPRINTED
+
+    settings = json.loads(json.dumps(settings))
+    settings["schedule"] = {k: v for k, v in settings.get("schedule", {}).items() if k not in NOT_FINGERPRINTED}
+    return settings
+
+
 def train_schedule(cfg: PretrainConfig, images: int, world_size: int, num_workers: int, device: torch.device):
     """The engine's ``TrainConfig`` for ``cfg`` on ``images`` images; a bad schedule is a one-line error."""
     from harness.engine import TrainConfig, default_precision
@@ -232,18 +244,21 @@ def pretrain(cfg: PretrainConfig) -> dict:
                               world_size=env.world_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
     loss = resolve_loss(cfg.loss, data.kind, hierarchy)
     tcfg = train_schedule(cfg, data.images, env.world_size, cfg.workers, env.device)
+    stream = data.dataset if isinstance(data.dataset, ShardStream) else None
     settings = {
         "arch": cfg.arch, "data": {**data.describe(), "fraction": cfg.fraction, "subset_seed": cfg.subset_seed,
                                    "hierarchy": cfg.hierarchy},
         "loss": loss, "classes": data.classes, "image_size": cfg.image_size, "min_scale": cfg.min_scale,
         "normalization": cfg.normalization, "schedule": tcfg.as_dict(), "world_size": env.world_size,
     }
+    if stream is not None:  # the stream's order depends on its loader workers
+        settings["stream_workers"] = stream.loader_workers(cfg.workers)
     previous = read_sidecar(out)
-    if out.is_file() and previous is not None and previous.get("settings") == json.loads(json.dumps(settings)):
-        if previous.get("sha256") == sha256_file(out):
-            if env.is_main:
-                print(f"{out}: pretrained earlier with the same settings, kept")
-            return previous
+    same = previous is not None and _weights_settings(previous.get("settings")) == _weights_settings(settings)
+    if same and out.is_file() and previous.get("sha256") == sha256_file(out):
+        if env.is_main:
+            print(f"{out}: pretrained earlier with the same settings, kept")
+        return previous
 
     torch.manual_seed(cfg.seed)  # the initialisation depends on the seed only
     backbone = build_backbone(cfg.arch, normalization=cfg.normalization)
@@ -254,7 +269,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
         tcfg.find_unused_parameters = arch_family(cfg.arch) != "resnet"  # the ViT pyramid's c2..c4 are unused
     work = Path(cfg.work_dir) if cfg.work_dir else out.with_name(out.stem + ".run")
     augment = PretrainAugment(cfg.image_size, cfg.min_scale)
-    stream = data.dataset if isinstance(data.dataset, ShardStream) else None
     streamed = {}
     if stream is not None:  # the stream augments in its workers; its order depends on the workers and the buffer
         per_rank = tcfg.batch_size // env.world_size
@@ -264,6 +278,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                        "shuffle_buffer": stream.shuffle_buffer}})
     result = train(model, data.dataset, tcfg, work, augment=None if stream else augment, env=env,
                    progress=cfg.progress, desc=f"pretrain {cfg.arch} ({data.images} images)", **streamed)
+    training = {**result.as_dict(), "work_dir": str(work)}
+    if result.start_iteration >= result.iterations and same:  # finished before: its losses and time stand
+        training.update({k: previous["training"][k] for k in ("final_losses", "wall_time") if k in previous["training"]})
     record = None
     if env.is_main:
         save_backbone(model.backbone, out)
@@ -273,7 +290,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             "images": data.images, "total_images": data.total_images, "fraction": cfg.fraction,
             "num_classes": len(data.classes), "loss": loss,
             "settings": json.loads(json.dumps(settings)),
-            "training": {**result.as_dict(), "work_dir": str(work)},
+            "training": training,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         write_json_atomic(pretrain_record_path(out), record)

@@ -225,9 +225,10 @@ def aggregate(results: list[Result]) -> list[RunSummary]:
     return rows
 
 
-def summarize(results: list[Result], synthetic: bool) -> Results:
-    """The ``results.json`` of ``results`` (one backbone's runs)."""
-    return Results(backbone=results[0].backbone, synthetic=synthetic, runs=aggregate(results))
+def summarize(results: list[Result]) -> Results:
+    """The ``results.json`` of ``results`` (one backbone's runs); synthetic when any run's data was."""
+    return Results(backbone=results[0].backbone, synthetic=any(r.dataset.synthetic for r in results),
+                   runs=aggregate(results))
 
 
 def write_results(path: Path, summary: Results) -> None:

@@ -103,19 +103,24 @@ def score_predictions(card: TaskCard, test_ds, records: list) -> dict:
 
 
 # ----------------------------------------------------------------------------- runs
-def _finished(path: Path, card: TaskCard, backbone: Backbone, plan: EvalPlan, cfg) -> Result | None:
+def _finished(path: Path, card: TaskCard, backbone: Backbone, plan: EvalPlan, cfg, data: TaskData,
+              synthetic: bool) -> Result | None:
     """A finished run's result, when it was made as this plan would make it: card, backbone (file, arch,
-    normalization, load options), profile and the training settings after rescaling; else an error."""
+    normalization, load options), profile, data (synthetic or not, splits and their sizes) and the
+    training settings after rescaling; else an error."""
     result_path = path / "result.json"
     if not result_path.is_file():
         return None
     result = read_result(result_path)
     made = {"task card": result.card_hash, "backbone sha256": result.backbone.sha256, "arch": result.backbone.arch,
             "profile": result.profile, "normalization": result.backbone.model_dump().get("normalization"),
-            "checkpoint options": result.checkpoint_options}
+            "checkpoint options": result.checkpoint_options,
+            "data": [result.dataset.synthetic, result.dataset.train_split, result.dataset.images_trained,
+                     result.dataset.test_split, result.dataset.images_scored]}
     asked = {"task card": card.card_hash, "backbone sha256": backbone.checkpoint["sha256"], "arch": backbone.arch,
              "profile": plan.profile, "normalization": backbone.describe()["normalization"],
-             "checkpoint options": checkpoint_options(plan)}
+             "checkpoint options": checkpoint_options(plan),
+             "data": [synthetic, data.train_split, len(data.train), data.test_split, len(data.test)]}
     training = {"iterations": cfg.iterations, "batch_size": cfg.batch_size, "lr": cfg.lr, "steps": list(cfg.steps),
                 "accumulate": cfg.accumulate, "precision": cfg.precision}
     recorded = result.training.model_dump()
@@ -125,9 +130,8 @@ def _finished(path: Path, card: TaskCard, backbone: Backbone, plan: EvalPlan, cf
     made, asked = json.loads(json.dumps(made)), json.loads(json.dumps(asked))
     differ = [key for key in made if made[key] != asked[key]]
     if differ:
-        key = differ[0]
-        raise HarnessError(f"{result_path} was made with another {', '.join(differ)} ({key}: {made[key]!r}, "
-                           f"now {asked[key]!r}); use another --out")
+        values = "; ".join(f"{key}: {made[key]!r}, now {asked[key]!r}" for key in differ)
+        raise HarnessError(f"{result_path} was made with another {', '.join(differ)} ({values}); use another --out")
     return result
 
 
@@ -222,7 +226,7 @@ def run_one(plan: EvalPlan, env: DistEnv, card: TaskCard, data: TaskData, base: 
     path = run_dir(plan.out, card.name, protocol, seed)
     workers = loader_workers(plan, env)
     cfg = train_config(card, plan.profile, seed, plan.batch_size, workers, plan.precision, plan.accumulate)
-    done = _finished(path, card, base, plan, cfg)
+    done = _finished(path, card, base, plan, cfg, data, synthetic)
     if done is not None:
         if env.is_main:
             print(f"{card.name}/{protocol}/seed{seed}: done earlier, skipped")
@@ -310,7 +314,7 @@ def run_eval(plan: EvalPlan) -> list[RunSummary]:
                     continue
                 cfg = train_config(card, plan.profile, seed, plan.batch_size, loader_workers(plan, env), plan.precision,
                                    plan.accumulate)
-                _finished(run_dir(plan.out, card.name, protocol, seed), card, base, plan, cfg)  # the real run would refuse
+                _finished(run_dir(plan.out, card.name, protocol, seed), card, base, plan, cfg, data, synthetic)  # as the run
                 row = cell_plan(plan, card, data, protocol, seed)
                 row["dry_run_s"] = dry_run_cell(plan, env, card, data, base, protocol, seed)
                 planned.append(row)
@@ -321,7 +325,7 @@ def run_eval(plan: EvalPlan) -> list[RunSummary]:
                                           for r in planned) + f" ({DRY_RUN_ITERATIONS} steps, {DRY_RUN_IMAGES} "
                   "predictions each); nothing written")
         return []
-    summary = summarize(results, synthetic)
+    summary = summarize(results)
     if env.is_main:
         write_results(Path(plan.out) / RESULTS_NAME, summary)
     return summary.runs if env.is_main else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.datasets.synthetic import MARKER
 from tests.support import SMALL_ARCH, run_cli
 from tests.support import tiny_cards as write_tiny_cards
 
@@ -62,9 +64,13 @@ def test_eval_writes_results_skips_finished_runs_and_aggregates_seeds(tiny, synt
     assert code == 0 and stdout.count("done earlier, skipped") == 8
     assert json.loads((out / "results.json").read_text())["runs"] == summary["runs"]
     # a rerun that would make other results is refused, not answered with these (they were skipped before)
+    unmarked = tmp_path / "unmarked"  # the same images, no longer marked as `harness data synth` output
+    shutil.copytree(synthetic_root, unmarked, symlinks=True)
+    (unmarked / MARKER).unlink()
     for extra, message in [(["--batch-size", "4"], "training batch_size"),
                            (["--normalization", "caffe"], "another normalization"),
-                           (["--precision", "bf16"], "another training precision")]:
+                           (["--precision", "bf16"], "another training precision"),
+                           (["--data-root", unmarked], "another data (data: [True,")]:
         code, _, stderr = run_cli(capsys, *args, *extra)
         assert code == 2 and message in stderr and "use another --out" in stderr, stderr
     code, _, stderr = run_cli(capsys, *args, "--batch-size", "4", "--dry-run")  # the dry run finds it too

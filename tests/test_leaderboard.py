@@ -73,7 +73,7 @@ def fabricate_run(out: Path, *, level: float = 40.0, profile: str = "full", offs
                 )
                 write_result(out / task / protocol / f"seed{seed}" / "result.json", r)
                 results.append(r)
-    write_results(out / "results.json", summarize(results, synthetic))
+    write_results(out / "results.json", summarize(results))
     return out / "results.json"
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from harness.backbones import build_backbone
-from harness.checkpoints import load_backbone
+from harness.checkpoints import load_backbone, sha256_file
 from harness.datasets.labelled import LabelHierarchy, in_subset, subset_score
 from harness.datasets.pretraining import open_pretrain_data
 from harness.datasets.shards import ShardStream, index_shards, list_shards, resume_point, write_shards
@@ -384,9 +384,21 @@ def test_pretrain_cli_writes_a_loadable_harness_checkpoint(tmp_path, capsys):
     assert record["images"] < record["total_images"] == 24 and record["loss"] == "sigmoid"
     assert record["training"]["iterations"] == 3 and record["num_classes"] == len(record["settings"]["classes"])
     assert (tmp_path / "ckpt.run" / "metrics.jsonl").is_file()
-    # rerun: same settings, nothing redone
+    # rerun: same settings, nothing redone; other loader workers do not change the weights either
     assert main(argv) == 0
     assert "kept" in capsys.readouterr().out
+    workers = argv.index("--workers") + 1
+    assert main(argv[:workers] + ["1"] + argv[workers + 1:]) == 0
+    assert "kept" in capsys.readouterr().out and read_sidecar(out) == record
+    # the export lost, the finished run is exported again (the same tensors) with its record's losses and time
+    first = load_file(out)
+    out.unlink()
+    assert main(argv) == 0
+    again = read_sidecar(out)
+    assert again["training"]["start_iteration"] == 3 and again["sha256"] == sha256_file(out)
+    assert all(torch.equal(first[k], v) for k, v in load_file(out).items()) and len(first) == len(load_file(out))
+    assert (again["training"]["final_losses"], again["training"]["wall_time"]) == (
+        record["training"]["final_losses"], record["training"]["wall_time"])
     assert main(argv[:-1] + ["--fraction", "0", "--no-progress"]) == 2
 
 
