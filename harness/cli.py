@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -304,7 +305,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument("--min-scale", type=float, default=0.35, help="smallest crop area of the random resized crop")
     g.add_argument("--normalization", default=None, help="input normalization recorded in the checkpoint (default imagenet)")
     g.add_argument(f"--{prefix}seed", dest="pretrain_seed", type=int, default=0, help="initialisation and data-order seed")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader workers that decode and augment (with shards, each streams its own shards)")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers that decode and augment (with shards, "
+                   "each streams its own shards; default: 4 on CUDA, 0 on the CPU)")
     g.add_argument("--checkpoint-period", type=int, default=1000, help="iterations between resumable checkpoints")
 
 
@@ -382,8 +384,15 @@ def _cmd_leaderboard_check_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage mistake as one line that names the help to read, not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"harness: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__)
+    parser = _Parser(prog="harness", description=__doc__)
     parser.add_argument("--version", action="version", version=f"harness {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -426,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_args(p)
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("status", help="the cells of a launched eval: pending, running, done, failed; collects when done")
+    p = sub.add_parser("status", help="the cells of a launched eval: pending, running, done, failed; collects when done",
+                       description="The table of an eval's cells; collects results.json when all are done. "
+                       "Exits 2 when a cell failed.")
     p.add_argument("--out", required=True, help="the eval's run folder")
     p.add_argument("--watch", action="store_true", help="refresh until no cell is pending or running")
     p.add_argument("--poll", type=float, default=10.0, help="seconds between refreshes with --watch")
@@ -558,6 +569,12 @@ def main(argv: list[str] | None = None) -> int:
         message = one_line(exc)
         print(f"harness: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `harness ... | head`: the reader has had what it wanted
+        try:  # the interpreter's last flush of stdout must not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, as a shell reports a program stopped by a closed pipe
     except OSError as exc:  # a path that is a file where a folder is needed, a read-only place, a full disk
         print(f"harness: error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -151,6 +151,12 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- small pieces
+def default_loader_workers(device: torch.device) -> int:
+    """Data-loading processes per training process when none are given: 4 on CUDA (the GPU must not
+    wait for JPEG decoding), 0 on the CPU (the model already uses every core)."""
+    return 4 if device.type == "cuda" else 0
+
+
 def lr_factor(cfg: TrainConfig, iteration: int) -> float:
     """Multiplier of ``cfg.lr`` at 0-based ``iteration``: linear warmup from ``warmup_factor`` times
     either ``gamma`` per passed step (detectron2's WarmupMultiStepLR) or the poly decay

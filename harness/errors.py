@@ -1,12 +1,13 @@
 """The one exception type for mistakes a user can make (bad file, missing data, wrong checkpoint).
 
 The CLI prints it as a single line and exits non-zero; anything else is a bug and keeps its traceback.
-Warnings meant for the user are HarnessWarnings, which the CLI prints as one line too.
+Warnings meant for the user are HarnessWarnings; the CLI prints every warning as one line too.
 """
 
 import contextlib
 import sys
 import warnings
+from pathlib import Path
 
 
 def one_line(text: object) -> str:
@@ -24,16 +25,21 @@ class HarnessWarning(UserWarning):
 
 @contextlib.contextmanager
 def one_line_warnings():
-    """Inside, a HarnessWarning prints as ``harness: warning: <message>``, one line on stderr with no
-    source line under it; other warnings keep Python's display. The CLI runs every command in it."""
+    """Inside, a warning prints as one line on stderr with no source line under it: a HarnessWarning as
+    ``harness: warning: <message>``, a library's with its category and where it was raised, e.g.
+    ``harness: warning: <message> (UserWarning at torch/utils/data/dataloader.py:627)``. The CLI runs
+    every command in it."""
     with warnings.catch_warnings():  # restores warnings.showwarning on exit
-        previous = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
+            text = one_line(message)
             if not issubclass(category, HarnessWarning):
-                return previous(message, category, filename, lineno, file, line)
+                parts = Path(filename).parts
+                site = max((i for i, part in enumerate(parts) if part in ("site-packages", "dist-packages")), default=None)
+                where = "/".join(parts[site + 1:] if site is not None else parts[-2:])
+                text += f" ({category.__name__} at {where}:{lineno})"
             try:
-                (sys.stderr if file is None else file).write(f"harness: warning: {one_line(message)}\n")
+                (sys.stderr if file is None else file).write(f"harness: warning: {text}\n")
             except OSError:  # stderr gone: warnings' own display ignores it too
                 pass
 

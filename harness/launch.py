@@ -444,9 +444,14 @@ def show_status(out: Path, watch: bool = False, poll: float = 10.0) -> list[dict
 
 
 def _show_once(plan, record) -> list[dict]:
+    """Print the table once; a failed cell is then an error (exit 2, as `--watch` and `--wait` end)."""
     statuses = cell_states(plan, record)
     progress = format_progress(plan, statuses, cell_iterations(plan))
     print(format_status(statuses) + (f"\n{progress}" if progress else ""), flush=True)
+    failed = [cell_name(s.cell) for s in statuses if s.state == "failed"]
+    if failed:
+        raise HarnessError(f"{len(failed)} cell(s) failed ({', '.join(failed)}); see the table above, then rerun "
+                           "the same eval command to resubmit them")
     return _finish(plan, statuses)
 
 

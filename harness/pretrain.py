@@ -160,7 +160,7 @@ class PretrainConfig:
     image_size: int = 224
     min_scale: float = 0.35
     seed: int = 0
-    workers: int = 4
+    workers: int | None = None  # default: the engine's (4 on CUDA, 0 on the CPU)
     shuffle_buffer: int = 1000
     checkpoint_period: int = 1000
     device: str | None = None
@@ -229,7 +229,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from harness.backbones import build_backbone
     from harness.checkpoints import save_backbone, sha256_file
     from harness.distributed import barrier, broadcast_object, init_distributed
-    from harness.engine import train
+    from harness.engine import default_loader_workers, train
     from harness.files import write_json_atomic
     from harness.results import pretrain_record_path
 
@@ -243,7 +243,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
                               data_format=cfg.data_format, hierarchy=hierarchy, classes=classes, rank=env.rank,
                               world_size=env.world_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
     loss = resolve_loss(cfg.loss, data.kind, hierarchy)
-    tcfg = train_schedule(cfg, data.images, env.world_size, cfg.workers, env.device)
+    workers = cfg.workers if cfg.workers is not None else default_loader_workers(env.device)
+    tcfg = train_schedule(cfg, data.images, env.world_size, workers, env.device)
     stream = data.dataset if isinstance(data.dataset, ShardStream) else None
     settings = {
         "arch": cfg.arch, "data": {**data.describe(), "fraction": cfg.fraction, "subset_seed": cfg.subset_seed,
@@ -252,7 +253,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         "normalization": cfg.normalization, "schedule": tcfg.as_dict(), "world_size": env.world_size,
     }
     if stream is not None:  # the stream's order depends on its loader workers
-        settings["stream_workers"] = stream.loader_workers(cfg.workers)
+        settings["stream_workers"] = stream.loader_workers(workers)
     previous = read_sidecar(out)
     same = previous is not None and _weights_settings(previous.get("settings")) == _weights_settings(settings)
     if same and out.is_file() and previous.get("sha256") == sha256_file(out):
@@ -273,8 +274,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if stream is not None:  # the stream augments in its workers; its order depends on the workers and the buffer
         per_rank = tcfg.batch_size // env.world_size
         streamed = dict(
-            batches=lambda start: stream.batches(start, tcfg.iterations, per_rank, cfg.workers, augment),
-            identity={"shard_stream": {"workers": stream.loader_workers(cfg.workers),
+            batches=lambda start: stream.batches(start, tcfg.iterations, per_rank, workers, augment),
+            identity={"shard_stream": {"workers": stream.loader_workers(workers),
                                        "shuffle_buffer": stream.shuffle_buffer}})
     result = train(model, data.dataset, tcfg, work, augment=None if stream else augment, env=env,
                    progress=cfg.progress, desc=f"pretrain {cfg.arch} ({data.images} images)", **streamed)

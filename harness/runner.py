@@ -25,7 +25,7 @@ from harness.cards import TaskCard, backbone_card, task_card
 from harness.datasets import roots
 from harness.datasets.synthetic import MARKER, check_default_synthetic, write_synthetic_once
 from harness.distributed import DistEnv, barrier, init_distributed
-from harness.engine import TrainConfig, amp_dtype, predict, train
+from harness.engine import TrainConfig, amp_dtype, default_loader_workers, predict, train
 from harness.errors import HarnessError, HarnessWarning
 from harness.kinds import KINDS
 from harness.plan import EvalPlan, check_plan, run_dir, synthetic_data_dir
@@ -146,11 +146,8 @@ def training_groups(card: TaskCard, profile_name: str, data: TaskData) -> list[i
 
 
 def loader_workers(plan: EvalPlan, env: DistEnv) -> int:
-    """Data-loading worker processes per training process: ``plan.workers``, else 4 on CUDA (the GPU
-    must not wait for JPEG decoding) and 0 on the CPU (the model already uses every core)."""
-    if plan.workers is not None:
-        return plan.workers
-    return 4 if env.device.type == "cuda" else 0
+    """Data-loading worker processes per training process: ``plan.workers``, else the engine's default."""
+    return plan.workers if plan.workers is not None else default_loader_workers(env.device)
 
 
 def build_cell(plan: EvalPlan, env: DistEnv, card: TaskCard, base: Backbone, protocol: str, seed: int):

@@ -338,7 +338,9 @@ def test_slurm_array_runs_status_resubmits_the_failed_cell_and_collects(syntheti
     wait_for(lambda: all(s in ("COMPLETED", "FAILED") for s in fake_slurm.jobs(tmp_path / "slurm").values()),
              what="the array")
     status = harness("status", "--out", out, env=env)
-    assert status.returncode == 0, status.stderr
+    assert status.returncode == 2 and status.stderr.strip().splitlines() == [
+        "harness: error: 1 cell(s) failed (voc/frozen/seed1); see the table above, then rerun the same eval command "
+        "to resubmit them"], status.stderr
     log = out / "jobs" / "1000_1_0_log.out"
     assert "voc/frozen/seed0  done    1000_0" in status.stdout and "1 done, 1 failed" in status.stdout
     assert "voc/frozen/seed1 failed in job 1000_1: HarnessError: cannot read the training checkpoint" in status.stdout

@@ -206,3 +206,29 @@ def test_mistakes_are_found_early_and_named_as_given(run, tmp_path):
     out = run("eval", "--backbone", tmp_path / "nope.pth", "--tasks", "voc", "--synthetic", "--out", tmp_path / "l",
               "--launcher", "local")
     assert out.returncode == 2 and "nope.pth: no such checkpoint file" in out.stderr and not (tmp_path / "l").exists()
+
+
+def test_usage_mistakes_and_library_warnings_are_one_line(capsys):
+    """argparse's own errors name the help to read instead of printing the usage block; a warning
+    from a library prints as one line with its category and origin, without a source line under it."""
+    import warnings
+
+    from harness.errors import one_line_warnings
+
+    for args, message in [((), "the following arguments are required: command (see `harness --help`)"),
+                          (("eval", "--profile", "smok"), "argument --profile: invalid choice: 'smok' (choose from "
+                           "'full', 'short', 'smoke') (see `harness eval --help`)")]:
+        code, out, err = run_cli(capsys, *args)
+        assert code == 2 and out == "" and err.splitlines() == [f"harness: error: {message}"]
+    with one_line_warnings():
+        warnings.warn_explicit("two\nlines", UserWarning, "/x/site-packages/torch/utils/data/dataloader.py", 627)
+    assert capsys.readouterr().err.splitlines() == [
+        "harness: warning: two lines (UserWarning at torch/utils/data/dataloader.py:627)"]
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`harness ... | head`: the reader gone before anything is printed, no error line and exit 141."""
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "tasks", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # long before the new interpreter prints: its writes find no reader
+    assert proc.wait(timeout=60) == 141 and proc.stderr.read() == ""
