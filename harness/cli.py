@@ -163,10 +163,24 @@ def _checkpoint_opts(args: argparse.Namespace) -> dict:
     }
 
 
+def _checkpoint_file(spec: str) -> str:
+    """``--backbone`` of inspect and export, which read a file: a backbone card's name is refused with
+    where the card's file is (or will be, once `harness eval` has fetched it)."""
+    from harness.cards import all_backbone_cards, is_card_name
+    from harness.fetch import cache_dir
+
+    card = all_backbone_cards().get(spec) if is_card_name(spec) else None
+    if card is None:
+        return spec
+    path = cache_dir() / "backbones" / card.name / card.file_name
+    where = f"its file is {path}" if path.is_file() else f"`harness eval --backbone {spec}` downloads its file to {path}"
+    raise HarnessError(f"{spec} is a backbone card, not a checkpoint file; {where}")
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from harness.checkpoints import format_inspection, inspect_checkpoint
 
-    report = inspect_checkpoint(args.backbone, arch=args.arch, **_checkpoint_opts(args))
+    report = inspect_checkpoint(_checkpoint_file(args.backbone), arch=args.arch, **_checkpoint_opts(args))
     if args.json:
         _print_json(report)
     else:
@@ -180,7 +194,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from harness.checkpoints import export_backbone
 
-    out = export_backbone(args.backbone, arch=args.arch, to=args.to, out=Path(args.out), **_checkpoint_opts(args))
+    out = export_backbone(_checkpoint_file(args.backbone), arch=args.arch, to=args.to, out=Path(args.out),
+                          **_checkpoint_opts(args))
     print(f"wrote {out}")
     return 0
 
@@ -410,14 +425,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", required=True,
                    help="checkpoint file, a known backbone's name (`harness backbones list`), or random:<arch>")
     p.add_argument("--arch", default=None, help="architecture, when the checkpoint does not name it")
-    p.add_argument("--tasks", default="coco,voc,seg,pose", help="comma-separated task cards (tasks/*.yaml)")
-    p.add_argument("--protocols", default="finetune,frozen", help="finetune, frozen, or both")
-    p.add_argument("--profile", default="full", choices=["full", "short", "smoke"])
+    p.add_argument("--tasks", default="coco,voc,seg,pose",
+                   help="comma-separated task cards (tasks/*.yaml; default: coco,voc,seg,pose)")
+    p.add_argument("--protocols", default="finetune,frozen", help="finetune, frozen, or both (default: both)")
+    p.add_argument("--profile", default="full", choices=["full", "short", "smoke"],
+                   help="the cards' schedule: full (the public config; default), short or smoke")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--data-root", default=None, help="folder with coco/, VOCdevkit/, SBD/ (default: $HARNESS_DATA)")
     where.add_argument("--synthetic", action="store_true", help="use `harness data synth` data (not for the leaderboard)")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1); mean ± std is reported")
-    p.add_argument("--out", default="runs/default", help="run folder; finished runs in it are skipped")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1; default 1); mean ± std is reported")
+    p.add_argument("--out", default="runs/default", help="run folder (default: runs/default); finished runs in it are skipped")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=None,
                    help="total batch; keeps the card's epochs: iterations, steps and warmup scale inversely, lr "
@@ -509,9 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", required=True)
     p.add_argument("--fractions", required=True, help="e.g. 0.01,0.03,0.1,0.3,1")
     p.add_argument("--checkpoints", default=None, help="given checkpoints: FRACTION=PATH,... (pretrain the rest)")
-    p.add_argument("--tasks", default="voc,seg", help="comma-separated task cards")
-    p.add_argument("--protocols", default="finetune,frozen", help="finetune, frozen, or both")
-    p.add_argument("--profile", default="short", choices=["full", "short", "smoke"])
+    p.add_argument("--tasks", default="voc,seg", help="comma-separated task cards (default: voc,seg)")
+    p.add_argument("--protocols", default="finetune,frozen", help="finetune, frozen, or both (default: both)")
+    p.add_argument("--profile", default="short", choices=["full", "short", "smoke"],
+                   help="the cards' schedule (default: short)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--data-root", default=None, help="downstream data root (default: $HARNESS_DATA)")
     where.add_argument("--synthetic", action="store_true", help="downstream on `harness data synth` data")

@@ -111,7 +111,7 @@ def check_options(opts: LaunchOptions) -> None:
         if opts.wait:
             given.append("--wait")
         if given:
-            raise HarnessError(f"{', '.join(given)} need --launcher local or slurm")
+            raise HarnessError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --launcher local or slurm")
     if opts.launcher == "slurm" and not opts.partition:
         raise HarnessError("--launcher slurm needs --partition")
     for flag, value, least in (("--nodes", opts.nodes, 1), ("--max-parallel", opts.max_parallel, 1),

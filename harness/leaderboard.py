@@ -311,7 +311,7 @@ def build_submission(results_path: str | Path, *, name: str, pretraining_data: s
     results_path = Path(results_path)
     data = read_results(results_path)
     if data.synthetic:
-        raise HarnessError(f"{results_path}: made on synthetic data (--synthetic); synthetic results cannot go on the leaderboard")
+        raise HarnessError(f"{results_path}: made on synthetic data (--synthetic or `harness data synth` output); synthetic results cannot go on the leaderboard")
     if not data.runs:
         raise HarnessError(f"{results_path}: no runs")
     seeds_found = read_seed_results(results_path.parent)

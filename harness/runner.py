@@ -320,7 +320,7 @@ def run_eval(plan: EvalPlan) -> list[RunSummary]:
             print(format_plan(planned))
             print("dry run: " + ", ".join(f"{r['task']}/{r['protocol']}/seed{r['seed']} {r['dry_run_s']:.0f} s"
                                           for r in planned) + f" ({DRY_RUN_ITERATIONS} steps, {DRY_RUN_IMAGES} "
-                  "predictions each); nothing written")
+                  "predictions each); no results written")
         return []
     summary = summarize(results)
     if env.is_main:

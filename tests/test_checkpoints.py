@@ -746,6 +746,22 @@ def test_cli_inspect_json_and_errors(tmp_path, r50, other_sd, capsys):
     assert len(lines) == 1 and lines[0].startswith("harness: error:") and "not a checkpoint" in lines[0]
 
 
+def test_inspect_and_export_of_a_backbone_card_name_say_where_its_file_is(tmp_path, capsys, monkeypatch):
+    from harness.cards import all_backbone_cards
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    card = next(iter(all_backbone_cards().values()))
+    path = tmp_path / "cache" / "backbones" / card.name / card.file_name
+    for args in (["inspect", "--backbone", card.name], ["export", "--backbone", card.name, "--to", "torchvision",
+                                                         tmp_path / "x.pth"]):
+        code, out, err = run_cli(capsys, *args)
+        assert code == 2 and err.splitlines() == [f"harness: error: {card.name} is a backbone card, not a checkpoint "
+                                                  f"file; `harness eval --backbone {card.name}` downloads its file to {path}"]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    code, _, err = run_cli(capsys, "inspect", "--backbone", card.name)
+    assert code == 2 and err.strip().endswith(f"not a checkpoint file; its file is {path}")
+
 
 def test_cli_incomplete_match_prints_lists_then_exits_2(tmp_path, r50, capsys):
     from harness.cli import main

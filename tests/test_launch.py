@@ -83,7 +83,7 @@ def test_durations():
     (["--launcher", "slurm", "--partition", "p", "--time", "4 hours"], "--time '4 hours' is not a duration"),
     (["--launcher", "slurm", "--partition", "p", "--time", "1h", "--mem", "lots"], "--mem 'lots' is not"),
     (["--launcher", "local", "--partition", "p"], "--partition only apply to --launcher slurm"),
-    (["--max-parallel", "2"], "--max-parallel need --launcher local or slurm"),
+    (["--max-parallel", "2"], "--max-parallel needs --launcher local or slurm"),
     (["--launcher", "slurm", "--partition", "p", "--poll", "1"], "--poll only applies with --launcher slurm --wait"),
     (["--launcher", "local", "--wait", "--poll", "1"], "--poll only applies with --launcher slurm --wait"),
     (["--launcher", "slurm", "--partition", "p", "--wait", "--poll", "0"], "--poll must be a positive number"),

@@ -258,7 +258,7 @@ def _dry_run(tasks, profile, root, out, capsys, backbone="random:resnet18") -> s
                          "cpu", "--no-progress", "--dry-run"])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "nothing written" in printed and not (out / "results.json").exists()
+    assert "no results written" in printed and not (out / "results.json").exists()
     assert not any(out.glob("*/finetune/seed0/result.json"))
     return printed
 

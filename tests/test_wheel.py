@@ -70,7 +70,7 @@ def test_wheel_installed_alone_lists_cards_checks_data_and_runs_a_smoke_eval(tmp
     dry = harness("eval", "--backbone", f"random:{SMALL_ARCH}", "--tasks", "seg", "--protocols", "frozen", "--profile",
                   "smoke", "--data-root", data, "--out", tmp_path / "dry", "--device", "cpu", "--no-progress",
                   "--dry-run")
-    assert dry.returncode == 0 and "nothing written" in dry.stdout, dry.stdout + dry.stderr[-2000:]
+    assert dry.returncode == 0 and "no results written" in dry.stdout, dry.stdout + dry.stderr[-2000:]
     assert not (tmp_path / "dry" / "results.json").exists()
 
     # a real tiny smoke eval from the installed wheel (one task, 2 iterations)
