@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from harness import __version__
-from harness.errors import HarnessError, one_line, one_line_warnings
+from harness.errors import HarnessError, one_line, one_line_warnings, user_message
 
 
 def _print_json(obj) -> None:
@@ -584,8 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         with one_line_warnings():
             return args.func(args)
     except HarnessError as exc:
-        message = one_line(exc)
-        print(f"harness: error: {message}", file=sys.stderr)
+        print(f"harness: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `harness ... | head`: the reader has had what it wanted
         try:  # the interpreter's last flush of stdout must not fail again
@@ -594,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 141  # 128 + SIGPIPE, as a shell reports a program stopped by a closed pipe
     except OSError as exc:  # a path that is a file where a folder is needed, a read-only place, a full disk
-        print(f"harness: error: {one_line(exc)}", file=sys.stderr)
+        print(f"harness: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)

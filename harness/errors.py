@@ -15,6 +15,18 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def user_message(exc: BaseException) -> str:
+    """The one line a user sees for ``exc``. An error raised in a DataLoader worker reaches the
+    training process as torch's "Caught HarnessError in DataLoader worker process 0. Original
+    Traceback ..." text: its own message is the last line, after the exception's name."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        name, sep, message = last.partition(": ")
+        text = message if sep and name.rsplit(".", 1)[-1] == type(exc).__name__ else last
+    return one_line(text)
+
+
 class HarnessError(Exception):
     """A user-facing error: its message is the whole story, printed on one line."""
 

@@ -29,7 +29,7 @@ import submitit
 
 from harness.cards import task_card
 from harness.datasets.synthetic import write_synthetic_once
-from harness.errors import HarnessError, one_line, one_line_warnings
+from harness.errors import HarnessError, one_line, one_line_warnings, user_message
 from harness.files import sha256_file, write_json_atomic
 from harness.plan import EvalPlan, check_plan, collect, run_dir, synthetic_data_dir
 
@@ -228,7 +228,7 @@ def release_lock(cell_dir: Path, job_id: str) -> None:
 
 # ----------------------------------------------------------------------------- the job
 def _one_line(exc: BaseException) -> str:
-    return one_line(f"{type(exc).__name__}: {exc}")[:500]
+    return f"{type(exc).__name__}: {user_message(exc)}"[:500]
 
 
 class CellJob(submitit.helpers.Checkpointable):

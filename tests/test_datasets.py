@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from harness.datasets.voc import (
     VOCSegmentation,
     load_voc_detection,
     read_label_png,
+    read_sbd_mask,
     read_voc_xml,
 )
 from harness.errors import HarnessError, HarnessWarning
@@ -247,3 +249,119 @@ def test_scoring_ground_truth_as_predictions_on_synthetic_gives_100(synthetic_ro
     metrics = json.loads(out)
     primary = {"coco": "AP", "pose": "AP", "voc": "AP50", "seg": "mIoU"}[task]
     assert metrics[primary] == pytest.approx(100.0)
+
+
+# ----------------------------------------------------------------------------- data a user gets wrong
+def _coco_copy(synthetic_root, tmp_path, edit) -> Path:
+    """A data root whose COCO annotation files are the synthetic ones after ``edit(name, gt)``."""
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for name in ("train2017", "val2017"):
+        (coco / name).symlink_to(synthetic_root / "coco" / name)
+    for path in (synthetic_root / "coco" / "annotations").glob("*.json"):
+        gt = json.loads(path.read_text())
+        edit(path.name, gt)
+        (coco / "annotations" / path.name).write_text(json.dumps(gt))
+    return tmp_path
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda name, gt: name == "instances_val2017.json" and gt["categories"].append({"id": 999, "name": "extra"}),
+     "list different categories"),
+    (lambda name, gt: gt["categories"].extend({"id": 1000 + i, "name": f"c{i}"} for i in range(80)),
+     "categories, more than the 80 of the coco card's model"),
+    (lambda name, gt: gt["images"][0].pop("height"), "needs a 'file_name' and positive integer 'height' and 'width'"),
+])
+def test_coco_files_that_disagree_with_each_other_or_the_card_are_refused(synthetic_root, tmp_path, edit, message):
+    from harness.cards import task_card
+    from harness.runner import task_data
+
+    root = _coco_copy(synthetic_root, tmp_path, edit)
+    with pytest.raises(HarnessError, match=message):
+        task_data(task_card("coco"), root, "smoke")
+
+
+def test_keypoint_names_must_be_cocos_in_order_and_training_counts_labelled_points(synthetic_root, tmp_path):
+    from harness.cards import task_card
+    from harness.runner import task_data
+
+    def swap(name, gt):  # left and right eyes swapped in the category's names
+        for cat in gt["categories"]:
+            if cat.get("keypoints"):
+                cat["keypoints"][1:3] = cat["keypoints"][2:0:-1]
+    with pytest.raises(HarnessError, match="not COCO's 17 in order"):
+        task_data(task_card("pose"), _coco_copy(synthetic_root, tmp_path / "a", swap), "smoke")
+
+    def zero_counts(name, gt):  # num_keypoints says 0, the flags label points: detectron2 counts the flags
+        for ann in gt["annotations"]:
+            ann["num_keypoints"] = 0
+    plain = task_data(task_card("pose"), synthetic_root, "smoke")
+    counted = task_data(task_card("pose"), _coco_copy(synthetic_root, tmp_path / "b", zero_counts), "smoke")
+    assert counted.train.image_ids == plain.train.image_ids
+
+
+def test_an_image_of_another_size_than_its_annotation_is_refused_and_exif_turns_it_upright(tmp_path):
+    from PIL import Image
+
+    from harness.datasets.images import read_image
+
+    path = tmp_path / "a.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated by 90 degrees
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(path, exif=exif)
+    assert read_image(path, (40, 20)).shape == (3, 40, 20)  # (height, width) as shown
+    with pytest.raises(HarnessError, match=r"a.jpg: the image is 20x40 \(width x height, upright\), its annotation says 40x20"):
+        read_image(path, (20, 40))
+
+
+def _voc_with(tmp_path, obj_xml: str, ids: str = "a\n") -> Path:
+    voc = tmp_path / "VOC2007"
+    for sub in ("Annotations", "ImageSets/Main", "JPEGImages"):
+        (voc / sub).mkdir(parents=True)
+    (voc / "Annotations" / "a.xml").write_text(
+        f"<annotation><size><width>50</width><height>40</height></size><object>{obj_xml}</object></annotation>")
+    (voc / "ImageSets/Main/test.txt").write_bytes(ids.encode("utf-8-sig"))
+    return voc
+
+
+@pytest.mark.parametrize("obj,message", [
+    ("<name>dog</name><difficult>0</difficult><bndbox><xmin>nan</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox>",
+     "not finite numbers with min <= max"),
+    ("<name>dog</name><difficult>0</difficult><bndbox><xmin>9</xmin><ymin>1</ymin><xmax>2</xmax><ymax>9</ymax></bndbox>",
+     "not finite numbers with min <= max"),
+    ("<name>dog</name><difficult>2</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox>",
+     "<difficult>2</difficult>; the devkit reads 0 or 1"),
+])
+def test_voc_boxes_and_flags_the_devkit_could_not_read_are_refused(tmp_path, obj, message):
+    voc = _voc_with(tmp_path, obj)
+    with pytest.raises(HarnessError, match=message):
+        load_voc_detection(voc, "test")
+
+
+def test_voc_split_list_with_a_byte_order_mark_or_bytes_that_are_not_text(tmp_path):
+    obj = "<name>dog</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox>"
+    voc = _voc_with(tmp_path, obj)  # written with a byte-order mark
+    assert [a.image_id for a in load_voc_detection(voc, "test")] == ["a"]
+    (voc / "ImageSets/Main/test.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(HarnessError, match="test.txt: not a text list of image ids"):
+        load_voc_detection(voc, "test")
+
+
+def test_segmentation_labels_that_are_no_class_are_refused_naming_the_file(synthetic_root, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    voc = tmp_path / "VOC2012"
+    shutil.copytree(synthetic_root / "VOCdevkit" / "VOC2012", voc)
+    ds = VOCSegmentation(voc, "train_aug")
+    path = voc / "SegmentationClassAug" / f"{ds.image_ids[0]}.png"
+    mask = np.array(Image.open(path))
+    mask[0, 0] = 100
+    Image.fromarray(mask).save(path)
+    with pytest.raises(HarnessError, match=f"{path}: label 100 is neither a class"):
+        ds[0]
+    mat = tmp_path / "x.mat"
+    savemat(mat, {"GTcls": {"Segmentation": np.full((4, 4), 277, dtype=np.uint16)}})
+    with pytest.raises(HarnessError, match=r"labels 277..277 outside 0..255"):
+        read_sbd_mask(mat)

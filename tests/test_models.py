@@ -212,6 +212,29 @@ def test_detection_flip_mirrors_boxes_and_drops_crowds():
     assert same["boxes"].tolist() == [[2.0, 1.0, 6.0, 5.0]]
 
 
+def test_boxes_are_clipped_to_the_image_and_those_left_empty_dropped():
+    """detectron2's mapper: a box wholly outside the image would make every anchor a positive (each
+    ground-truth box keeps its best-matching anchors, and all overlap it by 0)."""
+    image = torch.zeros(3, 10, 20)
+    target = {"boxes": torch.tensor([[-5.0, 2, 6, 12], [30, 30, 40, 40], [3, 3, 8, 8]]), "labels": torch.tensor([1, 2, 3]),
+              "iscrowd": torch.tensor([0, 0, 0])}
+    _, out = detection_train_augment(flip_prob=0.0)(image, target, torch.Generator().manual_seed(0))
+    assert out["boxes"].tolist() == [[0.0, 2.0, 6.0, 10.0], [3.0, 3.0, 8.0, 8.0]] and out["labels"].tolist() == [1, 3]
+    assert target["boxes"][0].tolist() == [-5.0, 2.0, 6.0, 12.0]  # the dataset's own target is left alone
+
+
+def test_boxes_of_labels_the_test_file_does_not_list_have_no_record():
+    """A file with fewer categories than the model's classes (the synthetic data: 10 of COCO's 80): a box
+    of a later label has no category id; COCO's evaluator scores only the file's categories anyway."""
+    from harness.kinds.detection import box_records
+
+    output = {"boxes": torch.tensor([[1.0, 2, 5, 6], [0, 0, 4, 4]]), "labels": torch.tensor([2, 11]),
+              "scores": torch.tensor([0.9, 0.8])}
+    ids = [10, 20]
+    records = box_records(output, 7, lambda label: ids[label - 1], labels=2)
+    assert records == [{"image_id": 7, "category_id": 20, "bbox": [1.0, 2.0, 4.0, 4.0], "score": pytest.approx(0.9)}]
+
+
 def test_keypoint_flip_swaps_left_and_right():
     image = torch.zeros(3, 10, 20)
     kps = torch.zeros(1, 17, 3)

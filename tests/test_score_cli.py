@@ -9,7 +9,9 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+from harness.errors import HarnessError
 from tests.support import run_cli, run_cli_fresh
 
 
@@ -232,3 +234,23 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
                             stderr=subprocess.PIPE, text=True)
     proc.stdout.close()  # long before the new interpreter prints: its writes find no reader
     assert proc.wait(timeout=60) == 141 and proc.stderr.read() == ""
+
+
+class _Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise HarnessError("/data/x.jpg: not a readable image (truncated)")
+
+
+def test_an_error_in_a_data_loader_worker_reads_as_its_own_message():
+    """torch re-raises a worker's error as "Caught HarnessError in DataLoader worker process 0.
+    Original Traceback ...": the user sees the error's own line (every GPU run loads in workers)."""
+    from harness.errors import user_message
+
+    with pytest.raises(HarnessError) as caught:
+        next(iter(torch.utils.data.DataLoader(_Broken(), num_workers=1)))
+    assert "Original Traceback" in str(caught.value)
+    assert user_message(caught.value) == "/data/x.jpg: not a readable image (truncated)"
+    assert user_message(HarnessError("plain\nmessage")) == "plain message"

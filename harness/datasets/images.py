@@ -9,7 +9,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 
 from harness.errors import HarnessError
 
@@ -18,9 +18,10 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def decode_pil(src: Path | BinaryIO) -> torch.Tensor:
-    """Any image file (a path or an open binary file) PIL reads, as uint8 [3, H, W] RGB."""
+    """Any image file (a path or an open binary file) PIL reads, as uint8 [3, H, W] RGB, turned upright
+    by its EXIF orientation (as detectron2's ``read_image``)."""
     with Image.open(src) as im:
-        array = np.asarray(im.convert("RGB"))
+        array = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -31,14 +32,14 @@ def torchvision_decodes_jpeg() -> bool:
 
 
 def decode_jpeg_bytes(data: bytes | bytearray) -> torch.Tensor:
-    """An encoded JPEG as uint8 [3, H, W] RGB, through torchvision's libjpeg-turbo decoder (or PIL
-    without it); a corrupt file raises OSError with the decoder's reason."""
+    """An encoded JPEG as uint8 [3, H, W] RGB, upright by its EXIF orientation, through torchvision's
+    libjpeg-turbo decoder (or PIL without it); a corrupt file raises OSError with the decoder's reason."""
     if not torchvision_decodes_jpeg():
         return decode_pil(io.BytesIO(data))
     try:
         buffer = data if isinstance(data, bytearray) else bytearray(data)  # frombuffer wants it writable
         return torchvision.io.decode_jpeg(torch.frombuffer(buffer, dtype=torch.uint8),
-                                          mode=torchvision.io.ImageReadMode.RGB)
+                                          mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError as exc:  # "decode_jpeg, <source file>:<line>, <what is wrong>"
         raise OSError(str(exc).splitlines()[0].rsplit(", ", 1)[-1] or "corrupt JPEG") from None
 
@@ -60,8 +61,10 @@ def decode_torchvision(path: Path) -> torch.Tensor:
 decode_image_file = decode_torchvision
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """An image file as a float tensor [3, H, W], RGB in [0, 1] (grayscale/CMYK converted)."""
+def read_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file as a float tensor [3, H, W], RGB in [0, 1] (grayscale/CMYK converted); with
+    ``size`` = (height, width) from its annotation, another size is an error (detectron2's
+    ``check_image_size``): its boxes would not be where its pixels are."""
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"image not found: {path}")
@@ -69,4 +72,7 @@ def read_image(path: str | Path) -> torch.Tensor:
         image = decode_image_file(path)
     except OSError as exc:
         raise HarnessError(f"{path}: not a readable image ({exc})") from None
+    if size is not None and tuple(image.shape[1:]) != tuple(size):
+        raise HarnessError(f"{path}: the image is {image.shape[2]}x{image.shape[1]} (width x height, upright), its "
+                           f"annotation says {size[1]}x{size[0]}")
     return image.float().div_(255.0)

@@ -6,6 +6,7 @@ datasets convert them to 0-based continuous coordinates (x1 - 1, y1 - 1, x2, y2)
 
 from __future__ import annotations
 
+import math
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -92,7 +93,11 @@ def read_image_set(voc_dir: str | Path, split: str, kind: str = "Main") -> list[
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.txt") if "_" not in p.stem or p.stem == "train_aug")
         raise HarnessError(f"VOC split list not found: {path} (available: {', '.join(available) or 'none'})")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first id
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"{path}: not a text list of image ids ({exc})") from None
+    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
     if not ids:
         raise HarnessError(f"{path}: the split list is empty")
     if len(set(ids)) != len(ids):  # each image would count twice in the score
@@ -117,7 +122,14 @@ def read_voc_xml(path: str | Path) -> VocAnnotation:
                 raise HarnessError(f"{path}: unknown VOC class {name!r}")
             bb = obj.find("bndbox")
             box = tuple(float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-            objects.append(VocObject(name, int(obj.findtext("difficult") or 0) == 1, box))
+            if not (all(map(math.isfinite, box)) and box[0] <= box[2] and box[1] <= box[3]):
+                raise HarnessError(f"{path}: object {len(objects) + 1} ({name}) has the box {box} "
+                                   "(xmin, ymin, xmax, ymax): not finite numbers with min <= max")
+            difficult = (obj.findtext("difficult") or "0").strip()
+            if difficult not in ("0", "1"):
+                raise HarnessError(f"{path}: object {len(objects) + 1} ({name}) has <difficult>{difficult}</difficult>; "
+                                   "the devkit reads 0 or 1")
+            objects.append(VocObject(name, difficult == "1", box))
     except (ET.ParseError, AttributeError, TypeError, ValueError) as exc:
         raise HarnessError(f"{path}: not a valid VOC annotation ({exc})") from None
     return VocAnnotation(path.stem, width, height, tuple(objects))
@@ -164,7 +176,7 @@ class VOCDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         voc_dir, ann = self.items[index]
-        image = read_image(voc_dir / "JPEGImages" / f"{ann.image_id}.jpg")
+        image = read_image(voc_dir / "JPEGImages" / f"{ann.image_id}.jpg", (ann.height, ann.width))
         boxes = np.array([o.box for o in ann.objects], dtype=np.float32).reshape(-1, 4)
         boxes[:, :2] -= 1.0
         target = {
@@ -192,7 +204,10 @@ def read_sbd_mask(path: str | Path) -> np.ndarray:
         raise HarnessError(f"SBD mask not found: {path}")
     try:
         mat = loadmat(str(path), squeeze_me=True, struct_as_record=False)
-        return np.asarray(mat["GTcls"].Segmentation, dtype=np.uint8)
+        labels = np.asarray(mat["GTcls"].Segmentation)
+        if labels.size and (labels.min() < 0 or labels.max() > 255):  # a uint8 cast would wrap them into classes
+            raise HarnessError(f"{path}: labels {labels.min()}..{labels.max()} outside 0..255")
+        return labels.astype(np.uint8)
     except (KeyError, AttributeError, ValueError) as exc:
         raise HarnessError(f"{path}: not an SBD class mask ({exc})") from None
 
@@ -238,12 +253,18 @@ class VOCSegmentation(torch.utils.data.Dataset):
         return list(self.ids)
 
     def read_mask(self, image_id: str) -> np.ndarray:
+        """The image's class map; a value that is neither a class nor 255 (ignore) is an error naming the file."""
         if self.sbd_dir is not None:
             own = self.voc_dir / "SegmentationClass" / f"{image_id}.png"
-            if own.is_file():
-                return read_label_png(own)
-            return read_sbd_mask(self.sbd_dir / "cls" / f"{image_id}.mat")
-        return read_label_png(segmentation_mask_path(self.voc_dir, image_id, self.split))
+            path = own if own.is_file() else self.sbd_dir / "cls" / f"{image_id}.mat"
+            mask = read_label_png(path) if own.is_file() else read_sbd_mask(path)
+        else:
+            path = segmentation_mask_path(self.voc_dir, image_id, self.split)
+            mask = read_label_png(path)
+        bad = mask[(mask >= len(SEG_CLASSES)) & (mask != 255)]
+        if bad.size:
+            raise HarnessError(f"{path}: label {int(bad.max())} is neither a class (0..{len(SEG_CLASSES) - 1}) nor 255 (ignore)")
+        return mask
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -68,6 +68,13 @@ def coco_datasets(card: TaskCard, root: Path, keypoints: bool) -> tuple:
     coco = roots.require_coco(root, [spec.train.annotations, spec.train.images, spec.test.annotations, spec.test.images])
     train = CocoDetection(coco / spec.train.annotations, coco / spec.train.images, keypoints=keypoints, train=True)
     test = CocoDetection(coco / spec.test.annotations, coco / spec.test.images, keypoints=keypoints, train=False)
+    # labels are positions in the sorted category list: both files must list the card's categories
+    if train.category_ids != test.category_ids:
+        raise HarnessError(f"{train.ann_file} and {test.ann_file} list different categories ({len(train.category_ids)} "
+                           f"and {len(test.category_ids)}): a label trained as one would be scored as another")
+    if len(train.category_ids) > spec.num_classes:  # fewer is a subset (the synthetic data has 10 of COCO's 80)
+        raise HarnessError(f"{train.ann_file}: {len(train.category_ids)} categories, more than the {spec.num_classes} "
+                           f"of the {card.name} card's model")
     return train, test, spec.train.name, spec.test.name
 
 
@@ -149,11 +156,15 @@ def train_augment(backbone: nn.Module, **kwargs) -> Callable:
 
 
 # ----------------------------------------------------------------------------- records and scores
-def box_records(output: dict, image_id, category_of_label) -> list[dict]:
-    """One image's boxes in the COCO results format ([x, y, w, h], 0-based pixels)."""
+def box_records(output: dict, image_id, category_of_label, labels: int | None = None) -> list[dict]:
+    """One image's boxes in the COCO results format ([x, y, w, h], 0-based pixels). With ``labels``
+    (the test file's category count, when it lists fewer than the model's classes), a box of a later
+    label has no category id and no record: COCO's evaluator scores only the file's categories."""
     boxes = output["boxes"].tolist()
     records = []
     for (x1, y1, x2, y2), label, score in zip(boxes, output["labels"].tolist(), output["scores"].tolist()):
+        if labels is not None and label > labels:
+            continue
         records.append({"image_id": image_id, "category_id": category_of_label(int(label)),
                         "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     return records
@@ -164,7 +175,8 @@ def postprocess(card: TaskCard, test) -> Callable:
     the 1-based VOC class index; COCO: the category id)."""
     if card.dataset.layout == "voc_detection":
         return lambda output, target: box_records(output, target["image_id"], int)
-    return lambda output, target: box_records(output, target["image_id"], test.category_id)
+    labels = len(test.category_ids)
+    return lambda output, target: box_records(output, target["image_id"], test.category_id, labels)
 
 
 def refuse_voc_options(split, year) -> None:

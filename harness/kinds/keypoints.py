@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from harness.errors import HarnessError
 from harness.kinds.detection import aspect_groups, box_records, check_head_norm, coco_datasets, rcnn_settings, \
     refuse_voc_options
 from harness.metrics.coco import coco_box_metrics, coco_keypoint_metrics
@@ -31,8 +32,16 @@ def check_card(card: TaskCard) -> None:
 
 
 def datasets(card: TaskCard, root: Path) -> tuple:
-    """(train, test, train split name, test split name): COCO person keypoints under a data root."""
-    return coco_datasets(card, root, keypoints=True)
+    """(train, test, train split name, test split name): COCO person keypoints under a data root,
+    named as COCO's 17 in order (the flip swaps and the OKS sigmas are by position)."""
+    from harness.datasets.shapes import COCO_KEYPOINTS
+
+    train, test, *names = coco_datasets(card, root, keypoints=True)
+    for ds in (train, test):
+        if tuple(ds.keypoint_names) != COCO_KEYPOINTS:
+            raise HarnessError(f"{ds.ann_file}: the keypoints are named {ds.keypoint_names}, not COCO's 17 in order "
+                               f"({', '.join(COCO_KEYPOINTS)}), which the flip and the scoring follow")
+    return train, test, *names
 
 
 def train_groups(card: TaskCard, profile_name: str, train) -> list[int] | None:

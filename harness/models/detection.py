@@ -443,13 +443,17 @@ def build_detector(
 
 
 # ----------------------------------------------------------------------------- augmentation
-def clean_detection_target(target: dict) -> dict:
-    """Training target without crowd regions and degenerate boxes (as detectron2's mapper)."""
-    boxes = target["boxes"].reshape(-1, 4).float()
+def clean_detection_target(target: dict, height: int, width: int) -> dict:
+    """Training target as detectron2's mapper makes it: boxes clipped to the ``height`` x ``width``
+    image, then crowd regions and boxes left empty dropped (a box wholly outside the image would
+    otherwise match every anchor through the low-quality matches)."""
+    boxes = target["boxes"].reshape(-1, 4).float().clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     if "iscrowd" in target:
         keep &= torch.as_tensor(target["iscrowd"]).reshape(-1) == 0
-    out = dict(target)
+    out = dict(target, boxes=boxes)
     for key in ("boxes", "labels", "iscrowd", "keypoints", "area"):
         if key in out and torch.is_tensor(out[key]) and out[key].shape[:1] == keep.shape:
             out[key] = out[key][keep]
@@ -472,7 +476,7 @@ def detection_train_augment(flip_prob: float = 0.5) -> Callable:
     horizontal flip. Resizing (single or multi-scale) is the model transform's job."""
 
     def augment(image: Tensor, target: dict, generator: torch.Generator) -> tuple[Tensor, dict]:
-        target = clean_detection_target(target)
+        target = clean_detection_target(target, *image.shape[-2:])
         if torch.rand((), generator=generator).item() < flip_prob:
             image, target = hflip_detection(image, target)
         return image, target

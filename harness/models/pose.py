@@ -167,7 +167,7 @@ def keypoint_train_augment(flip_prob: float = 0.5, flip_index: Sequence[int] = C
     coordinates, random flip with keypoint swap."""
 
     def augment(image: Tensor, target: dict, generator: torch.Generator) -> tuple[Tensor, dict]:
-        target = keypoints_to_continuous(clean_detection_target(target))
+        target = keypoints_to_continuous(clean_detection_target(target, *image.shape[-2:]))
         if torch.rand((), generator=generator).item() < flip_prob:
             image, target = hflip_keypoints(image, target, flip_index)
         return image, target
