@@ -175,7 +175,7 @@ class CocoDetection(torch.utils.data.Dataset):
             if ann["category_id"] in self._label_of:
                 anns_by_image[ann["image_id"]].append(ann)
         images = sorted(self.gt["images"], key=lambda im: im["id"])
-        for i, img in enumerate(images):  # what reading the images needs (scoring does not)
+        for img in images:  # what reading the images needs (scoring does not)
             if not (isinstance(img.get("file_name"), str) and all(type(img.get(k)) is int and img[k] > 0
                                                                  for k in ("height", "width"))):
                 raise HarnessError(f"{self.ann_file}: image id {img['id']} needs a 'file_name' and positive integer "
