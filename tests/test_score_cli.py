@@ -100,6 +100,7 @@ def _without(gt: dict, key: str) -> dict:
         ("coco", {**GT, "annotations": [{**GT["annotations"][0], "bbox": [10, 10, 40]}]}, "needs a 'bbox' of 4 numbers"),
         ("coco", {**GT, "annotations": [{**GT["annotations"][0], "bbox": "10 10 40 30"}]}, "needs a 'bbox' of 4 numbers"),
         ("coco", {**GT, "annotations": [{**GT["annotations"][0], "image_id": [7]}]}, "names image_id [7], not in 'images'"),
+        ("coco", {**GT, "annotations": [{**GT["annotations"][0], "iscrowd": "0"}]}, "has iscrowd '0'; COCO's is 0 or 1"),
     ],
 )
 def test_ground_truth_that_pycocotools_refuses_is_refused_in_one_line(run, tmp_path, task, gt, message):

@@ -88,6 +88,9 @@ def validate_coco_gt(gt, source: str) -> dict:
         if ann["id"] in ann_ids:
             raise HarnessError(f"{source}: annotations[{i}] repeats annotation id {ann['id']!r}")
         ann_ids.add(ann["id"])
+        if ann.get("iscrowd", 0) not in (0, 1) or type(ann.get("iscrowd", 0)) not in (int, bool):
+            raise HarnessError(f"{source}: annotations[{i}] has iscrowd {ann['iscrowd']!r}; COCO's is 0 or 1 (a string "
+                               "would read as a crowd region)")
         if not member(ann["image_id"], image_ids):
             raise HarnessError(f"{source}: annotations[{i}] names image_id {ann['image_id']!r}, not in 'images'")
         if not member(ann["category_id"], keypoint_values):
