@@ -683,6 +683,16 @@ def test_export_keeps_bgr_and_stride_in_1x1(tmp_path, r50):
     assert meta["backbone"]["style"] == "caffe" and meta["data_preprocessor"]["bgr_to_rgb"] is False
 
 
+def test_the_same_weights_saved_twice_are_the_same_bytes(tmp_path):
+    """safetensors orders its metadata as a Rust HashMap does, differently on every write; a result
+    identifies its backbone by the file's sha256, so the harness sorts it."""
+    bb = load_backbone("random:resnet18")
+    first, second = (save_backbone(bb, tmp_path / f"{i}.safetensors").read_bytes() for i in range(2))
+    assert first == second
+    again = load_backbone(tmp_path / "0.safetensors")
+    assert again.arch == "resnet18" and again.checkpoint["layout"] == "harness"
+
+
 def test_export_of_non_resnet_to_detectron2_is_refused(tmp_path):
     vit = save_backbone(load_backbone("random:vit_tiny_patch16_224"), tmp_path / "vit.safetensors")
     with pytest.raises(HarnessError, match="supports ResNets"):

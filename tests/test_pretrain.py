@@ -395,7 +395,7 @@ def test_pretrain_cli_writes_a_loadable_harness_checkpoint(tmp_path, capsys):
     out.unlink()
     assert main(argv) == 0
     again = read_sidecar(out)
-    assert again["training"]["start_iteration"] == 3 and again["sha256"] == sha256_file(out)
+    assert again["training"]["start_iteration"] == 3 and again["sha256"] == sha256_file(out) == record["sha256"]
     assert all(torch.equal(first[k], v) for k, v in load_file(out).items()) and len(first) == len(load_file(out))
     assert (again["training"]["final_losses"], again["training"]["wall_time"]) == (
         record["training"]["final_losses"], record["training"]["wall_time"])

@@ -43,7 +43,23 @@ def save_backbone(backbone: Backbone, path) -> Path:
         "options": json.dumps(backbone.options),
     }
     save_file(tensors, str(path), metadata=metadata)
+    _sort_metadata(path)
     return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """safetensors writes its metadata in a Rust HashMap's order, which differs from one write to the
+    next: the same tensors would get another sha256 (the id a result records). Rewrite the header in
+    place with the metadata sorted; the header keeps its length, padded with spaces as safetensors pads."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # cannot happen for the same keys and values; the file stays valid as written
+            return
+        f.seek(8)
+        f.write(text.ljust(size))
 
 
 def export_backbone(path, arch: str | None, to: str, out, **opts) -> Path:
