@@ -365,3 +365,15 @@ def test_segmentation_labels_that_are_no_class_are_refused_naming_the_file(synth
     savemat(mat, {"GTcls": {"Segmentation": np.full((4, 4), 277, dtype=np.uint16)}})
     with pytest.raises(HarnessError, match=r"labels 277..277 outside 0..255"):
         read_sbd_mask(mat)
+
+
+def test_a_damaged_synthetic_marker_is_one_line(synthetic_root, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_root, root, symlinks=True)
+    (root / "SYNTHETIC.json").write_text('{"seed": 0, ')  # cut short
+    code, _, err = run_cli(capsys, "data", "check", "--root", root)
+    assert code == 2 and err.splitlines() == [f"harness: error: {root / 'SYNTHETIC.json'}: not valid JSON (Expecting "
+                                              "property name enclosed in double quotes: line 1 column 13 (char 12)); "
+                                              "rewrite the data with `harness data synth`"]

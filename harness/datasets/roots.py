@@ -27,7 +27,10 @@ def _count_files(folder: Path, suffix: str) -> int:
 
 
 def _count_lines(path: Path) -> int:
-    return sum(1 for line in path.read_text().splitlines() if line.strip())
+    try:
+        return sum(1 for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"{path}: not a text list of image ids ({exc})") from None
 
 
 def _first_dir(candidates: list[Path]) -> Path | None:
@@ -87,14 +90,25 @@ def sbd_dir(root: Path) -> Path:
     return root / "SBD" / "dataset"
 
 
+def read_marker(root: Path) -> dict:
+    """A root's `SYNTHETIC.json` (what `harness data synth` wrote); a damaged one is a one-line error."""
+    import json
+
+    path = Path(root) / MARKER
+    try:
+        marker = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HarnessError(f"{path}: not valid JSON ({exc}); rewrite the data with `harness data synth`") from None
+    if not isinstance(marker, dict):
+        raise HarnessError(f"{path}: not a `harness data synth` marker; rewrite the data with `harness data synth`")
+    return marker
+
+
 def expected_counts(root: Path, registry=None) -> dict[str, dict[str, int]] | None:
     """The image counts a root should have: its `SYNTHETIC.json` marker's (None when the marker
     predates them), else the data registry's standard numbers."""
-    import json
-
-    marker = Path(root) / MARKER
-    if marker.is_file():
-        return json.loads(marker.read_text()).get("expected")
+    if (Path(root) / MARKER).is_file():
+        return read_marker(root).get("expected")
     from harness.datasets.get import load_registry
 
     return load_registry(registry).counts

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from harness.datasets.roots import MARKER
+from harness.datasets.roots import MARKER, read_marker
 from harness.datasets.scenes import Annotation, annotate, mask_polygons, mask_rle, render_scene
 from harness.datasets.shapes import CATEGORY, COCO_KEYPOINTS, COCO_SKELETON
 from harness.datasets.voc_devkit import VOC_CLASSES, voc_colormap
@@ -308,7 +308,7 @@ def write_synthetic(out: Path, seed: int = 0, workers: int | None = None, **size
         _write_list(seg_dir / f"{name}.txt", split_ids)
     summary["voc2012"].update({"seg_train": {"images": len(seg_train)}, "seg_val": {"images": len(seg_val)},
                                "train_aug": {"images": len(train_aug)}})
-    marker = json.loads((out / MARKER).read_text())
+    marker = read_marker(out)
     marker["expected"] = {  # the counts `harness data check` expects of this root
         "COCO 2017": {"train": cfg["coco_train"], "val": cfg["coco_val"]},
         "VOC2007": {"trainval": len(trainval), "test": len(test)},
@@ -335,7 +335,7 @@ def write_synthetic_once(root: Path) -> Path:
 
 def check_default_synthetic(root: Path) -> Path:
     """``root`` when its marker says it holds this version's default synthetic data, else a one-line error."""
-    made = json.loads((Path(root) / MARKER).read_text())
+    made = read_marker(root)
     if (made.get("seed"), made.get("sizes")) != (0, DEFAULT_SIZES):
         raise HarnessError(f"{root} was generated with other settings than this version's "
                            f"`harness data synth` ({made.get('sizes')}); use another --out")
