@@ -338,6 +338,14 @@ def test_voc_boxes_and_flags_the_devkit_could_not_read_are_refused(tmp_path, obj
         load_voc_detection(voc, "test")
 
 
+def test_voc_training_skips_images_without_objects_and_scoring_keeps_them(tmp_path):
+    voc = _voc_with(tmp_path, "<name>dog</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox>",
+                    ids="a\nb\n")
+    (voc / "Annotations" / "b.xml").write_text("<annotation><size><width>50</width><height>40</height></size></annotation>")
+    assert VOCDetection([(voc, "test")], train=True).image_ids == ["a"]
+    assert VOCDetection([(voc, "test")]).image_ids == ["a", "b"]
+
+
 def test_voc_split_list_with_a_byte_order_mark_or_bytes_that_are_not_text(tmp_path):
     obj = "<name>dog</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox>"
     voc = _voc_with(tmp_path, obj)  # written with a byte-order mark

@@ -147,19 +147,20 @@ class VOCDetection(torch.utils.data.Dataset):
     """One or more (VOC folder, split) pairs, e.g. VOC2007 trainval + VOC2012 trainval (07+12).
 
     Labels are 1..20 in VOC_CLASSES order. Difficult objects are kept in training targets (as
-    detectron2) and flagged in `target["difficult"]`.
+    detectron2) and flagged in `target["difficult"]`. train=True skips images without objects
+    (detectron2's FILTER_EMPTY_ANNOTATIONS); train=False keeps every image, so that all are scored.
     """
 
     class_names = VOC_CLASSES
 
-    def __init__(self, sources: list[tuple[str | Path, str]]):
+    def __init__(self, sources: list[tuple[str | Path, str]], train: bool = False):
         self.items: list[tuple[Path, VocAnnotation]] = []
         seen: set[tuple[str, str]] = set()
         for voc_dir, split in sources:
             voc_dir = Path(voc_dir)
             for ann in load_voc_detection(voc_dir, split):
                 key = (voc_dir.resolve().name, ann.image_id)
-                if key not in seen:
+                if key not in seen and (ann.objects or not train):
                     seen.add(key)
                     self.items.append((voc_dir, ann))
 

@@ -88,7 +88,7 @@ def datasets(card: TaskCard, root: Path) -> tuple:
 
     for folder, _ in spec.train.sets + spec.test.sets:
         roots.require(root, folder)
-    return (VOCDetection(voc_sets(root, spec.train.sets)), VOCDetection(voc_sets(root, spec.test.sets)),
+    return (VOCDetection(voc_sets(root, spec.train.sets), train=True), VOCDetection(voc_sets(root, spec.test.sets)),
             spec.train.name, spec.test.name)
 
 
