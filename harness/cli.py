@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -587,10 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"harness: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `harness ... | head`: the reader has had what it wanted
-        try:  # the interpreter's last flush of stdout must not fail again
+        with contextlib.suppress(OSError, ValueError):  # the interpreter's last flush of stdout must not fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
         return 141  # 128 + SIGPIPE, as a shell reports a program stopped by a closed pipe
     except OSError as exc:  # a path that is a file where a folder is needed, a read-only place, a full disk
         print(f"harness: error: {user_message(exc)}", file=sys.stderr)
