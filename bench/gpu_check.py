@@ -63,9 +63,10 @@ def tiny_settings(kind: str, model_kw: dict, aug_kw: dict) -> tuple[dict, dict]:
                 {**aug_kw, "crop_size": 64, "scale": (96, 64)})
     # few RoIs: the C4 card's box head is res5, run once per RoI; at the full 512 per image (and 1000 test
     # proposals) its 4 tiny rows took 100 of the 130 s of the whole --tiny run, at 32 and 50 still 36 of 49 s
-    tiny = {**model_kw, "min_size": [64], "max_size": 96, "test_min_size": 64, "neck_channels": 32,
-            "anchor_sizes": [16, 32, 64, 128, 256], "representation_size": 64, "roi_batch_per_image": 8,
-            "proposals_test": 16}
+    tiny = {**model_kw, "min_size": [64], "max_size": 96, "test_min_size": 64,
+            "anchor_sizes": [16, 32, 64, 128, 256], "roi_batch_per_image": 8, "proposals_test": 16}
+    if "neck_channels" in model_kw:  # an FPN card (the C4 model has no neck and its box head is res5)
+        tiny.update(neck_channels=32, representation_size=64)
     if kind == "keypoints":
         tiny["keypoint_head_channels"] = 32
     return tiny, aug_kw

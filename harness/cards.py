@@ -129,11 +129,11 @@ class Profile(_Strict):
     crop_size: int | None = None  # segmentation: training crop (min_size[0] is the base short side)
     scale_range: tuple[float, float] = (0.5, 2.0)  # segmentation: random rescale of the base size
     flip: bool = True
-    neck_channels: int = Field(gt=0, description="FPN or ASPP channels")
+    neck_channels: int | None = Field(default=None, gt=0, description="FPN or ASPP channels (FPN and segmentation cards)")
     roi_batch_per_image: int = Field(default=512, gt=0, description="RoIs sampled per image for the box head")
     proposals_test: int = Field(default=1000, gt=0, description="RPN proposals per image at test time")
     c4_pool_size: int = Field(default=14, gt=1, description="C4 head RoIAlign size (res5 halves it)")
-    representation_size: int = Field(default=1024, gt=0, description="box head FC width (FPN)")
+    representation_size: int = Field(default=1024, gt=0, description="box head FC width (FPN head only)")
     keypoint_head_layers: int = Field(default=8, gt=0)
     keypoint_head_channels: int = Field(default=512, gt=0)
     keypoint_pool_size: int = Field(default=14, gt=1, description="keypoint RoIAlign size; heatmaps are 4x it")

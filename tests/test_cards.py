@@ -57,6 +57,27 @@ def test_head_norm_is_checked_when_the_card_loads(tmp_path, card_name, change, m
         load_card(tmp_path / f"{card_name}.yaml")
 
 
+@pytest.mark.parametrize("card_name, change, message", [
+    ("voc", {"neck_channels": 64}, "neck_channels size the FPN model; the c4 head has no neck"),
+    ("voc", {"representation_size": 256}, "representation_size size the FPN model; the c4 head has no neck"),
+    ("coco", {"neck_channels": None}, r"neck_channels \(the FPN's width\) is required"),
+    ("pose", {"neck_channels": None}, r"neck_channels \(the FPN's width\) is required"),
+    ("seg", {"neck_channels": None}, r"neck_channels \(the ASPP's width\) is required"),
+])
+def test_no_card_holds_a_width_its_model_ignores(tmp_path, card_name, change, message):
+    """The C4 model has no neck and its box head is res5: a card setting their widths is refused,
+    and a model with a neck must have its width on the card."""
+    data = yaml.safe_load((cards_dir() / f"{card_name}.yaml").read_text())
+    for key, value in change.items():
+        if value is None:
+            del data["profiles"]["smoke"][key]
+        else:
+            data["profiles"]["smoke"][key] = value
+    (tmp_path / f"{card_name}.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(HarnessError, match=f"{card_name}.yaml: .*profile smoke: {message}"):
+        load_card(tmp_path / f"{card_name}.yaml")
+
+
 def test_mean_and_sample_std():
     assert mean_std([1.0]) == (1.0, 0.0)
     mean, std = mean_std([1.0, 2.0, 3.0, 4.0])

@@ -188,6 +188,12 @@ def test_head_norm_gn_makes_the_neck_and_keypoint_head_scale_invariant():
     assert all(torch.isfinite(v) for v in model(images, targets).values())
 
 
+@pytest.mark.parametrize("width", [{"neck_channels": 64}, {"representation_size": 256}])
+def test_c4_refuses_the_fpn_widths_it_would_ignore(width):
+    with pytest.raises(HarnessError, match="the C4 model has neither"):
+        tiny_detector(head="c4", **width)
+
+
 def test_head_norm_errors():
     with pytest.raises(HarnessError, match="head_norm must be one of none, gn"):
         tiny_detector(head_norm="bn")

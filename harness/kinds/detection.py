@@ -46,8 +46,24 @@ def check_head_norm(card: TaskCard, widths: tuple[str, ...]) -> None:
                                  f"got {getattr(p, key)}")
 
 
+FPN_ONLY = ("neck_channels", "representation_size")  # profile fields that size the FPN model's neck and box head
+
+
+def check_neck(card: TaskCard) -> None:
+    """An FPN card sets ``neck_channels``; a C4 card sets neither it nor ``representation_size``
+    (its RPN runs on c4 and its box head is res5), so no card holds a setting the model ignores."""
+    for name, p in card.profiles.items():
+        if card.model.head == "c4":
+            if used := [f for f in FPN_ONLY if f in p.model_fields_set]:
+                raise ValueError(f"profile {name}: {', '.join(used)} size the FPN model; the c4 head has no neck "
+                                 f"and its box head is res5: leave them out")
+        elif p.neck_channels is None:
+            raise ValueError(f"profile {name}: neck_channels (the FPN's width) is required")
+
+
 def check_card(card: TaskCard) -> None:
     """Detection card rules beyond the schema (a ValueError names the profile and field)."""
+    check_neck(card)
     check_head_norm(card, ("neck_channels",))
     for name, p in card.profiles.items():
         if p.c4_extra_norm and card.model.head != "c4":
@@ -119,12 +135,12 @@ R_CNN_SETTINGS = ("rpn_pre_nms_topk_train", "rpn_pre_nms_topk_test", "rpn_post_n
 def rcnn_settings(card: TaskCard, profile_name: str) -> dict:
     """The R-CNN builder keywords a profile sets (detection and keypoints)."""
     p = card.profile(profile_name)
-    sizes = {"min_size": list(p.min_size), "max_size": p.max_size, "test_min_size": p.test_min_size,
-             "neck_channels": p.neck_channels}
+    sizes = {"min_size": list(p.min_size), "max_size": p.max_size, "test_min_size": p.test_min_size}
+    if card.model.head == "fpn":  # the C4 model has no neck and its box head is res5
+        sizes.update(neck_channels=p.neck_channels, representation_size=p.representation_size)
     if p.anchor_sizes:
         sizes["anchor_sizes"] = list(p.anchor_sizes)
     sizes["roi_batch_per_image"] = p.roi_batch_per_image
-    sizes["representation_size"] = p.representation_size
     sizes["head_norm"] = p.head_norm
     sizes.update({k: getattr(p, k) for k in R_CNN_SETTINGS if getattr(p, k) is not None})
     return sizes

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from harness.errors import HarnessError
-from harness.kinds.detection import aspect_groups, box_records, check_head_norm, coco_datasets, rcnn_settings, \
+from harness.kinds.detection import aspect_groups, box_records, check_head_norm, check_neck, coco_datasets, rcnn_settings, \
     refuse_voc_options
 from harness.metrics.coco import coco_box_metrics, coco_keypoint_metrics
 
@@ -28,6 +28,7 @@ OWN_FIELDS = ("keypoint_head_layers", "keypoint_head_channels", "keypoint_pool_s
 
 def check_card(card: TaskCard) -> None:
     """Keypoint card rules beyond the schema (a ValueError names the profile and field)."""
+    check_neck(card)
     check_head_norm(card, ("neck_channels", "keypoint_head_channels"))
 
 

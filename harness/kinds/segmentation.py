@@ -36,6 +36,8 @@ def check_card(card: TaskCard) -> None:
             raise ValueError(f"profile {name}: head_norm {p.head_norm} needs an FPN head, not {card.model.head}")
         if p.crop_size is None:
             raise ValueError(f"profile {name}: segmentation needs crop_size")
+        if p.neck_channels is None:
+            raise ValueError(f"profile {name}: neck_channels (the ASPP's width) is required")
 
 
 def datasets(card: TaskCard, root: Path) -> tuple:

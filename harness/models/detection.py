@@ -346,7 +346,7 @@ def build_detector(
     max_size: int = 1333,
     test_min_size: int | None = None,
     neck_channels: int | None = None,
-    representation_size: int = 1024,
+    representation_size: int | None = None,
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
     box_detections_per_img: int = 100,
     roi_batch_per_image: int = 512,
@@ -367,7 +367,8 @@ def build_detector(
     """Faster R-CNN for ``num_classes`` object classes (plus background).
 
     head="fpn": torchvision FPN (``neck_channels``, default 256) on c2..c5 + max-pooled p6, RPN over
-    five levels (one anchor size per level), 7x7 RoIAlign, two FC layers of ``representation_size``.
+    five levels (one anchor size per level), 7x7 RoIAlign, two FC layers of ``representation_size``
+    (default 1024).
     head="c4": detectron2's R50-C4 (MoCo's VOC model): RPN on c4 with all anchor sizes, 14x14 RoIAlign
     on c4, the backbone's own ``layer4`` (res5, shared, pretrained) as box head, mean pool, predictor.
     ``min_size`` may be a list: training draws a short side from it; eval uses ``test_min_size``
@@ -404,14 +405,17 @@ def build_detector(
             rpn_anchor_generator=anchors,
             rpn_head=rpn_head,
             box_roi_pool=pool(neck.featmap_names, 7),
-            box_head=TwoMLPHead(neck.out_channels * 7 * 7, representation_size),
-            box_predictor=_init_predictor(FastRCNNPredictor(representation_size, num_classes + 1)),
+            box_head=TwoMLPHead(neck.out_channels * 7 * 7, representation_size or 1024),
+            box_predictor=_init_predictor(FastRCNNPredictor(representation_size or 1024, num_classes + 1)),
             **common,
         )
         topk = {"pre": (2000, 1000), "post_train": 1000}  # detectron2 Base-RCNN-FPN.yaml
     else:
         if head_norm != "none":
             raise HarnessError(f"head_norm {head_norm} applies to the FPN head; the C4 model has no FPN")
+        if neck_channels is not None or representation_size is not None:
+            raise HarnessError("neck_channels and representation_size size the FPN model's neck and box head; the C4 "
+                               "model has neither (its RPN runs on c4, its box head is res5)")
         res5_path = find_stage(backbone, "layer4")
         info = feature_channels(backbone)
         if res5_path is None or "c4" not in info or "c5" not in info:
