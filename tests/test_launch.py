@@ -137,15 +137,22 @@ def test_train_stops_on_request_with_a_checkpoint_and_resumes_to_the_same_weight
 
 # ----------------------------------------------------------------------------- local launcher
 def test_local_pool_starts_the_longest_cells_first():
-    """The smoke demo's pose cells (800 iterations) start first; fine-tune before frozen; equal
-    cells keep the plan's order (voc and seg both train 200 x 4 images)."""
+    """The smoke demo's cells by images trained (pose 800 x 4, coco 250 x 4, voc 200 x 4, seg 150 x 4);
+    fine-tune before frozen; equal cells (the seeds) keep the plan's order."""
     plan = EvalPlan(backbone="random:resnet18", tasks=["seg", "coco", "voc", "pose"], profile="smoke", seeds=2)
-    order = launch.longest_first(launch.cells_of(plan), plan, check_plan(plan))
+    cards = check_plan(plan)
+    assert [c.profile("smoke").iterations * c.profile("smoke").batch_size for c in cards] == [600, 1000, 800, 3200]
+    order = launch.longest_first(launch.cells_of(plan), plan, cards)
     assert [launch.cell_name(c) for c in order] == [
         "pose/finetune/seed0", "pose/finetune/seed1", "pose/frozen/seed0", "pose/frozen/seed1",
         "coco/finetune/seed0", "coco/finetune/seed1", "coco/frozen/seed0", "coco/frozen/seed1",
-        "seg/finetune/seed0", "seg/finetune/seed1", "voc/finetune/seed0", "voc/finetune/seed1",
-        "seg/frozen/seed0", "seg/frozen/seed1", "voc/frozen/seed0", "voc/frozen/seed1"]
+        "voc/finetune/seed0", "voc/finetune/seed1", "voc/frozen/seed0", "voc/frozen/seed1",
+        "seg/finetune/seed0", "seg/finetune/seed1", "seg/frozen/seed0", "seg/frozen/seed1"]
+    # two tasks of equal images (voc and voc_fpn, 200 x 4) keep the plan's order, whichever it is
+    for tasks in (["voc_fpn", "voc"], ["voc", "voc_fpn"]):
+        plan = EvalPlan(backbone="random:resnet18", tasks=tasks, profile="smoke")
+        order = launch.longest_first(launch.cells_of(plan), plan, check_plan(plan))
+        assert [launch.cell_name(c) for c in order] == [f"{t}/{p}/seed0" for p in ("finetune", "frozen") for t in tasks]
 
 
 def _metrics_lines(run: Path, rows: list[dict], tail: str = "") -> None:
