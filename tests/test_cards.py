@@ -58,8 +58,9 @@ def test_head_norm_is_checked_when_the_card_loads(tmp_path, card_name, change, m
 
 
 @pytest.mark.parametrize("card_name, change, message", [
-    ("voc", {"neck_channels": 64}, "neck_channels size the FPN model; the c4 head has no neck"),
-    ("voc", {"representation_size": 256}, "representation_size size the FPN model; the c4 head has no neck"),
+    ("voc", {"neck_channels": 64}, r"the c4 head has no neck and its box head is res5: leave out neck_channels \(FPN"),
+    ("voc", {"representation_size": 256}, r"the c4 head has no neck and its box head is res5: leave out "
+                                           r"representation_size \(FPN settings\)"),
     ("coco", {"neck_channels": None}, r"neck_channels \(the FPN's width\) is required"),
     ("pose", {"neck_channels": None}, r"neck_channels \(the FPN's width\) is required"),
     ("seg", {"neck_channels": None}, r"neck_channels \(the ASPP's width\) is required"),

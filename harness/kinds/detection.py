@@ -55,8 +55,8 @@ def check_neck(card: TaskCard) -> None:
     for name, p in card.profiles.items():
         if card.model.head == "c4":
             if used := [f for f in FPN_ONLY if f in p.model_fields_set]:
-                raise ValueError(f"profile {name}: {', '.join(used)} size the FPN model; the c4 head has no neck "
-                                 f"and its box head is res5: leave them out")
+                raise ValueError(f"profile {name}: the c4 head has no neck and its box head is res5: leave out "
+                                 f"{', '.join(used)} (FPN settings)")
         elif p.neck_channels is None:
             raise ValueError(f"profile {name}: neck_channels (the FPN's width) is required")
 
